@@ -1,0 +1,51 @@
+"""samtx: sharpness-aware optimizers as composable optax transforms."""
+
+from samtx.aliases import adasam
+from samtx.aliases import amsgrad
+from samtx.aliases import lightsam
+from samtx.aliases import sam
+from samtx.moments import LIGHTSAM_VARIANTS
+from samtx.moments import lightsam_preconditioner
+from samtx.moments import scale_by_adagrad
+from samtx.moments import scale_by_adagrad_norm
+from samtx.moments import scale_by_adam_uncorrected
+from samtx.moments import scale_by_amsgrad
+from samtx.moments import ScaleByAdagradNormState
+from samtx.moments import ScaleByAdagradState
+from samtx.moments import ScaleByAdamUncorrectedState
+from samtx.moments import ScaleByAmsgradState
+from samtx.msam import msam
+from samtx.msam import MSAMState
+from samtx.msam import unperturb
+from samtx.perturbations import lightsam_perturbation
+from samtx.perturbations import PerturbationState
+from samtx.perturbations import sam_perturbation
+
+__version__ = "0.1.0"
+
+__all__ = (
+    # perturbations
+    "sam_perturbation",
+    "lightsam_perturbation",
+    "PerturbationState",
+    # adaptive moments
+    "scale_by_amsgrad",
+    "scale_by_adagrad_norm",
+    "scale_by_adagrad",
+    "scale_by_adam_uncorrected",
+    "lightsam_preconditioner",
+    "LIGHTSAM_VARIANTS",
+    "ScaleByAmsgradState",
+    "ScaleByAdagradNormState",
+    "ScaleByAdagradState",
+    "ScaleByAdamUncorrectedState",
+    # aliases
+    "sam",
+    "adasam",
+    "amsgrad",
+    "lightsam",
+    "msam",
+    # one-pass helpers
+    "MSAMState",
+    "unperturb",
+)

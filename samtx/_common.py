@@ -1,0 +1,225 @@
+"""Shared maths and argument checks used by every samtx transform.
+
+Everything that more than one optimizer needs lives here exactly once: the
+global norm, the statistics dtype rule, hyper-parameter validation, schedule
+evaluation, and the single place that calls a user's ``grad_fn``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ScalarOrSchedule = Any  # float | jax.Array | optax.Schedule
+
+
+# ----------------------------------------------------------------------------
+# dtypes
+# ----------------------------------------------------------------------------
+
+
+def stat_dtype(dtype) -> jnp.dtype:
+  """The dtype norms and moment statistics are kept in for ``dtype`` leaves.
+
+  Low-precision leaves (bfloat16, float16) get float32 statistics: float16
+  cannot even represent ``eps**2 = 1e-16`` and rounds it to zero. float32 and
+  float64 leaves keep their own precision.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_stat_dtype(tree) -> jnp.dtype:
+  """The statistics dtype for a scalar that summarises a whole tree."""
+  dtype = jnp.dtype(jnp.float32)
+  for leaf in jax.tree.leaves(tree):
+    dtype = jnp.promote_types(dtype, stat_dtype(leaf.dtype))
+  return dtype
+
+
+def check_float_leaves(tree, who: str) -> None:
+  """Rejects integer / boolean leaves, whose gradient has no meaning."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      raise TypeError(
+          f"{who}: leaf {jax.tree_util.keystr(path)} has dtype {leaf.dtype};"
+          " samtx optimizers need floating-point parameters and gradients."
+          " Keep integer state (step counters, indices) out of the optimized"
+          " tree, or freeze it with optax.masked / optax.set_to_zero.")
+
+
+# ----------------------------------------------------------------------------
+# tree maths
+# ----------------------------------------------------------------------------
+
+
+def global_sq_norm(tree, dtype=None) -> jax.Array:
+  """Squared global L2 norm of a tree, accumulated in the statistics dtype."""
+  dtype = tree_stat_dtype(tree) if dtype is None else dtype
+  leaves = jax.tree.leaves(tree)
+  total = jnp.zeros((), dtype)
+  for leaf in leaves:
+    total = total + jnp.sum(jnp.square(leaf.astype(dtype)))
+  return total
+
+
+def global_norm(tree, dtype=None) -> jax.Array:
+  """Global L2 norm of a tree (one reduction over every leaf)."""
+  return jnp.sqrt(global_sq_norm(tree, dtype))
+
+
+def ema(old, new, decay):
+  """``decay * old + (1 - decay) * new`` leafwise, kept in ``old``'s dtype."""
+  return jax.tree.map(
+      lambda o, n: (decay * o + (1 - decay) * n.astype(o.dtype)).astype(
+          o.dtype), old, new)
+
+
+def to_stat(tree):
+  """Casts every leaf to its statistics dtype."""
+  return jax.tree.map(lambda x: x.astype(stat_dtype(x.dtype)), tree)
+
+
+def full_like_stat(tree, value):
+  """A tree shaped like ``tree`` filled with ``value`` in statistics dtype."""
+  return jax.tree.map(
+      lambda x: jnp.full(x.shape, value, stat_dtype(x.dtype)), tree)
+
+
+def cast_like(tree, like):
+  """Casts ``tree`` leafwise to the dtypes of ``like``."""
+  return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
+
+
+# ----------------------------------------------------------------------------
+# hyper-parameters
+# ----------------------------------------------------------------------------
+
+
+def _is_traced(value) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def check_scalar(
+    name: str,
+    value,
+    *,
+    low: Optional[float] = None,
+    low_open: bool = False,
+    high: Optional[float] = None,
+    high_open: bool = False,
+    allow_schedule: bool = False,
+    who: str = "samtx",
+) -> None:
+  """Validates a numeric hyper-parameter at construction time.
+
+  Accepts Python numbers and concrete scalar arrays (what
+  ``optax.inject_hyperparams`` passes), and, when ``allow_schedule``, any
+  callable. Traced values are accepted unchecked: branching in Python on a
+  tracer is impossible, and their concrete value was checked when the
+  optimizer was first built.
+
+  Raises:
+    TypeError: the value is not a real scalar (or a schedule when allowed).
+    ValueError: the value is outside its valid range or not finite.
+  """
+  if callable(value):
+    if allow_schedule:
+      return
+    raise TypeError(f"{who}: {name} must be a number, got a callable {value!r}.")
+  if _is_traced(value):
+    return
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{who}: {name} must be a number, got the bool {value!r}.")
+  try:
+    arr = np.asarray(value)
+  except Exception as err:  # pragma: no cover - exotic array types
+    raise TypeError(f"{who}: {name} must be a real scalar, got {value!r}.") from err
+  if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.floating)
+                           or np.issubdtype(arr.dtype, np.integer)):
+    kind = "a real scalar or an optax schedule" if allow_schedule else "a real scalar"
+    raise TypeError(f"{who}: {name} must be {kind}, got {value!r}.")
+  x = float(arr)
+  lo = "(" if low_open else "["
+  hi = ")" if high_open else "]"
+  valid = (f"{lo}{low if low is not None else '-inf'}, "
+           f"{high if high is not None else 'inf'}{hi}")
+  bad = not np.isfinite(x)
+  if low is not None:
+    bad |= x <= low if low_open else x < low
+  if high is not None:
+    bad |= x >= high if high_open else x > high
+  if bad:
+    raise ValueError(f"{who}: {name} must lie in {valid}, got {value!r}.")
+
+
+def is_static_zero(value) -> bool:
+  """True when ``value`` is a concrete 0 known at trace time (not a schedule)."""
+  if callable(value) or _is_traced(value):
+    return False
+  try:
+    return bool(np.all(np.asarray(value) == 0))
+  except Exception:  # pragma: no cover - exotic array types
+    return False
+
+
+def value_at(hyper_parameter: ScalarOrSchedule, count: jax.Array):
+  """A hyper-parameter's value at step ``count`` (schedules are called)."""
+  if callable(hyper_parameter):
+    return hyper_parameter(count)
+  return hyper_parameter
+
+
+# ----------------------------------------------------------------------------
+# the one place that evaluates the gradient at a perturbed point
+# ----------------------------------------------------------------------------
+
+
+def perturbed_gradient(
+    grad_fn: Optional[Callable[[Any], Any]],
+    params,
+    perturbation,
+    grads,
+    *,
+    axis_name: Optional[str],
+    who: str,
+):
+  """Returns ``grad_fn(params + perturbation)``, checked and cast like grads.
+
+  The perturbed gradient is averaged over ``axis_name`` (``jax.lax.pmean``)
+  when one is given, so every device descends along the same direction.
+  """
+  if grad_fn is None:
+    raise TypeError(
+        f"{who}.update needs the keyword-only argument grad_fn: a function"
+        " params -> grads (the same tree as params) that samtx calls once at"
+        " the perturbed point, e.g. update(grads, state, params,"
+        " grad_fn=jax.grad(lambda p: loss(p, batch))).")
+  if not callable(grad_fn):
+    raise TypeError(f"{who}: grad_fn must be callable, got {grad_fn!r}.")
+  if params is None:
+    raise ValueError(
+        f"{who}.update needs params: the perturbation is applied to them.")
+  perturbed_params = jax.tree.map(
+      lambda p, e: p + e.astype(p.dtype), params, perturbation)
+  out = grad_fn(perturbed_params)
+  expected = jax.tree.structure(grads)
+  got = jax.tree.structure(out)
+  if got != expected:
+    raise TypeError(
+        f"{who}: grad_fn must return a tree with the structure of params;"
+        f" expected {expected}, got {got}.")
+  for path, o, g in zip(
+      (p for p, _ in jax.tree_util.tree_leaves_with_path(grads)),
+      jax.tree.leaves(out), jax.tree.leaves(grads)):
+    if jnp.shape(o) != jnp.shape(g):
+      raise ValueError(
+          f"{who}: grad_fn returned shape {jnp.shape(o)} for leaf"
+          f" {jax.tree_util.keystr(path)}, expected {jnp.shape(g)}.")
+  out = cast_like(out, grads)
+  if axis_name is not None:
+    out = jax.lax.pmean(out, axis_name=axis_name)
+  return out

@@ -1,0 +1,238 @@
+"""Ready-made optimizers: a perturbation, a ``scale_by_*`` rule and a step size.
+
+Each alias is assembled the way ``optax.adam`` assembles ``scale_by_adam`` and
+``scale_by_learning_rate``. ``learning_rate`` may be a float or an optax
+schedule everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import optax
+
+from samtx import _common
+from samtx import moments
+from samtx import perturbations
+from samtx.msam import msam
+
+__all__ = ["sam", "adasam", "amsgrad", "lightsam", "msam"]
+
+
+def _check_learning_rate(learning_rate, who):
+  _common.check_scalar("learning_rate", learning_rate, low=0.0,
+                       allow_schedule=True, who=who)
+
+
+def _momentum_transform(momentum, nesterov):
+  """SGD's momentum trace, omitted when ``momentum`` is a static zero."""
+  if isinstance(momentum, (int, float)) and momentum == 0:
+    if nesterov:
+      raise ValueError("sam: nesterov=True needs momentum > 0.")
+    return optax.identity()
+  return optax.trace(decay=momentum, nesterov=nesterov)
+
+
+def sam(
+    learning_rate,
+    rho=0.05,
+    *,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SAM (or ASAM with ``adaptive=True``) on SGD with optional momentum.
+
+  .. math::
+    e = \rho\, g/(\|g\|+\epsilon),\quad h = \nabla f(x+e),\quad
+    v \leftarrow \mu v + h,\quad x \leftarrow x - \eta_t v
+
+  ``rho=0`` is bit-for-bit ``optax.sgd(learning_rate, momentum, nesterov)``.
+
+  Args:
+    learning_rate: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule.
+    momentum: SGD momentum ``mu`` in ``[0, 1)``; 0 keeps no momentum buffer.
+    nesterov: Nesterov momentum.
+    adaptive: ASAM's scale-invariant perturbation.
+    eta: ASAM's offset ``>= 0``.
+    axis_name: average the perturbed gradient over this mapped axis.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> loss = lambda p: jnp.sum((p - 1.0) ** 2)
+    >>> opt = samtx.sam(0.1, rho=0.05)
+    >>> params = jnp.zeros(3)
+    >>> state = opt.init(params)
+    >>> for _ in range(50):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = opt.update(grads, state, params, grad_fn=jax.grad(loss))
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 1e-2)
+    True
+
+  References:
+    Foret et al., 2021, https://arxiv.org/abs/2010.01412;
+    Kwon et al., 2021, https://arxiv.org/abs/2102.11600
+  """
+  who = "sam"
+  _check_learning_rate(learning_rate, who)
+  _common.check_scalar("momentum", momentum, low=0.0, high=1.0,
+                       high_open=True, who=who)
+  return optax.chain(
+      perturbations.sam_perturbation(
+          rho, adaptive=adaptive, eta=eta, axis_name=axis_name),
+      _momentum_transform(momentum, nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def amsgrad(
+    learning_rate,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    delayed: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaSAM's AMSGrad rule without perturbation (the AdaSAM baseline).
+
+  .. math::
+    m = \beta_1 m + (1-\beta_1) g,\ v = \beta_2 v + (1-\beta_2) g^2,\
+    \hat v = \max(\hat v, v),\ x \leftarrow x - \eta_t m / \sqrt{\hat v}
+
+  No bias correction, ``vhat`` starts at ``eps**2``. This is *not*
+  ``optax.amsgrad``, which bias-corrects and adds ``eps`` outside the square
+  root; see :func:`samtx.scale_by_amsgrad`.
+
+  Args:
+    learning_rate: ``>= 0``, a float or an optax schedule.
+    b1: first-moment decay in ``[0, 1)``.
+    b2: second-moment decay in ``[0, 1)``.
+    eps: ``> 0``.
+    delayed: divide by the previous step's ``vhat``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> opt = samtx.amsgrad(0.01)
+    >>> state = opt.init(jnp.zeros(2))
+
+  References:
+    Sun et al., 2023, https://arxiv.org/abs/2303.00565
+  """
+  _check_learning_rate(learning_rate, "amsgrad")
+  return optax.chain(
+      moments.scale_by_amsgrad(b1, b2, eps, delayed=delayed),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def adasam(
+    learning_rate,
+    rho=0.05,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    delayed: bool = False,
+    axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaSAM: the SAM perturbation followed by AdaSAM's AMSGrad rule.
+
+  .. math::
+    h = \nabla f(x + \rho g/(\|g\|+\epsilon_{\text{SAM}})),\
+    m = \beta_1 m + (1-\beta_1) h,\ v = \beta_2 v + (1-\beta_2) h^2,\
+    \hat v = \max(\hat v, v),\ x \leftarrow x - \eta_t m/\sqrt{\hat v}
+
+  ``rho=0`` equals :func:`samtx.amsgrad`. ``delayed=True`` divides by the
+  previous ``vhat`` (the paper's delayed second moment).
+
+  Args:
+    learning_rate: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule.
+    b1: first-moment decay in ``[0, 1)``.
+    b2: second-moment decay in ``[0, 1)``.
+    eps: ``> 0``, the AMSGrad epsilon (``vhat`` starts at ``eps**2``).
+    delayed: delayed second moment.
+    axis_name: average the perturbed gradient over this mapped axis.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs
+    ``grad_fn``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> opt = samtx.adasam(1e-3, rho=0.05, delayed=True)
+    >>> state = opt.init({"w": jnp.zeros((2, 2))})
+
+  References:
+    Sun et al., 2023, AdaSAM: Boosting sharpness-aware minimization with
+    adaptive learning rate and momentum, https://arxiv.org/abs/2303.00565
+  """
+  _check_learning_rate(learning_rate, "adasam")
+  return optax.chain(
+      perturbations.sam_perturbation(rho, axis_name=axis_name),
+      moments.scale_by_amsgrad(b1, b2, eps, delayed=delayed),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def lightsam(
+    learning_rate,
+    rho,
+    *,
+    variant: str = "adagrad_norm",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    axis_name: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LightSAM-I/II/III: preconditioned ascent and descent.
+
+  The same preconditioner :math:`P` (AdaGrad-Norm, AdaGrad or the bias-free
+  Adam form, see :func:`samtx.lightsam_preconditioner`) is applied, with
+  separate statistics, to the clean gradient for the ascent and to the
+  perturbed gradient for the descent:
+
+  .. math::
+    e = \rho\, P_u(s),\quad h = \nabla f(x + e),\quad
+    x \leftarrow x - \eta_t P_v(h)
+
+  Args:
+    learning_rate: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule.
+    variant: ``"adagrad_norm"`` (I), ``"adagrad"`` (II) or ``"adam"`` (III).
+    b1: first-moment decay of the ``"adam"`` variant.
+    b2: second-moment decay of the ``"adam"`` variant.
+    eps: ``> 0``; all accumulators start at ``eps**2``.
+    axis_name: average the perturbed gradient over this mapped axis.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs
+    ``grad_fn``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> opt = samtx.lightsam(0.5, rho=0.1, variant="adam")
+    >>> state = opt.init(jnp.zeros(4))
+
+  References:
+    Cheng et al., 2025, LightSAM: Parameter-agnostic sharpness-aware
+    minimization, https://arxiv.org/abs/2505.24399
+  """
+  _check_learning_rate(learning_rate, "lightsam")
+  return optax.chain(
+      perturbations.lightsam_perturbation(
+          rho, variant=variant, b1=b1, b2=b2, eps=eps, axis_name=axis_name),
+      moments.lightsam_preconditioner(variant, b1=b1, b2=b2, eps=eps),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,347 @@
+"""Adaptive-moment ``scale_by_*`` transforms used after a samtx perturbation.
+
+These are ordinary optax transforms (no ``grad_fn``): AdaSAM's AMSGrad rule,
+with its delayed second moment, and the three preconditioners of LightSAM
+(AdaGrad-Norm, AdaGrad, and the bias-free Adam form). LightSAM applies the
+very same preconditioners to its ascent step, so they are written once here.
+
+Statistics are kept in float32 for bfloat16/float16 leaves (and in float64
+for float64 leaves); the scaled update is cast back to the gradient's dtype.
+No epsilon is added to a denominator: every accumulator starts at
+``eps**2`` instead, which keeps a zero gradient finite (``0 / eps``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from samtx import _common
+
+__all__ = [
+    "ScaleByAmsgradState",
+    "ScaleByAdagradNormState",
+    "ScaleByAdagradState",
+    "ScaleByAdamUncorrectedState",
+    "scale_by_amsgrad",
+    "scale_by_adagrad_norm",
+    "scale_by_adagrad",
+    "scale_by_adam_uncorrected",
+    "lightsam_preconditioner",
+    "LIGHTSAM_VARIANTS",
+]
+
+
+def _precondition(numerator, second_moment, like):
+  """``numerator / sqrt(second_moment)`` leafwise, cast to ``like``'s dtypes."""
+  return jax.tree.map(
+      lambda n, v, ref: (n / jnp.sqrt(v)).astype(ref.dtype),
+      numerator, second_moment, like)
+
+
+def _check_moment_args(who, *, b1=None, b2=None, eps):
+  if b1 is not None:
+    _common.check_scalar("b1", b1, low=0.0, high=1.0, high_open=True, who=who)
+  if b2 is not None:
+    _common.check_scalar("b2", b2, low=0.0, high=1.0, high_open=True, who=who)
+  _common.check_scalar("eps", eps, low=0.0, low_open=True, who=who)
+
+
+class ScaleByAmsgradState(NamedTuple):
+  """State of :func:`scale_by_amsgrad`.
+
+  Attributes:
+    count: number of updates taken so far (int32 scalar).
+    mu: first moment ``m``.
+    nu: second moment ``v``.
+    nu_max: running maximum ``vhat`` (starts at ``eps**2``).
+  """
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  nu_max: optax.Updates
+
+
+def scale_by_amsgrad(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    delayed: bool = False,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by AdaSAM's AMSGrad rule (no bias correction).
+
+  With gradient (or perturbed gradient) :math:`h_t`:
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) h_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) h_t^2,\quad
+    \hat v_t = \max(\hat v_{t-1}, v_t),\quad
+    u_t = m_t / \sqrt{\hat v_t}
+
+  with :math:`m_{-1} = v_{-1} = 0`, :math:`\hat v_{-1} = \epsilon^2` and no
+  epsilon in the denominator. ``delayed=True`` divides by
+  :math:`\sqrt{\hat v_{t-1}}` instead (the delayed second moment of the AdaSAM
+  analysis: the step size does not depend on the current gradient); on the
+  first step, where no previous moment exists, it uses :math:`\hat v_0`.
+
+  This differs from ``optax.scale_by_amsgrad``, which bias-corrects ``m`` and
+  ``v`` and adds ``eps`` outside the square root.
+
+  Args:
+    b1: decay of the first moment, in ``[0, 1)``.
+    b2: decay of the second moment, in ``[0, 1)``.
+    eps: ``> 0``; ``eps**2`` is the initial running maximum.
+    delayed: use the previous step's running maximum in the denominator.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> tx = samtx.scale_by_amsgrad(b1=0.0, b2=0.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([2.0, -3.0]), state)
+    >>> updates
+    Array([ 1., -1.], dtype=float32)
+
+  References:
+    Sun et al., 2023, AdaSAM: Boosting sharpness-aware minimization with
+    adaptive learning rate and momentum, https://arxiv.org/abs/2303.00565
+    Reddi et al., 2018, On the convergence of Adam and beyond,
+    https://openreview.net/forum?id=ryQu7f-RZ
+  """
+  who = "scale_by_amsgrad"
+  _check_moment_args(who, b1=b1, b2=b2, eps=eps)
+
+  def init_fn(params):
+    zeros = _common.full_like_stat(params, 0.0)
+    return ScaleByAmsgradState(
+        count=jnp.zeros([], jnp.int32),
+        mu=zeros,
+        nu=zeros,
+        nu_max=_common.full_like_stat(params, jnp.square(eps)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = _common.ema(state.mu, updates, b1)
+    nu = _common.ema(state.nu, jax.tree.map(jnp.square, _common.to_stat(updates)), b2)
+    nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
+    if delayed:
+      first = state.count == 0
+      denominator = jax.tree.map(
+          lambda new, prev: jnp.where(first, new, prev), nu_max, state.nu_max)
+    else:
+      denominator = nu_max
+    new_updates = _precondition(mu, denominator, updates)
+    return new_updates, ScaleByAmsgradState(
+        count=optax.safe_increment(state.count), mu=mu, nu=nu, nu_max=nu_max)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAdagradNormState(NamedTuple):
+  """State of :func:`scale_by_adagrad_norm`: the scalar sum ``v``."""
+  sum_of_squares: jax.Array
+
+
+def scale_by_adagrad_norm(eps: float = 1e-8) -> optax.GradientTransformation:
+  r"""Rescales updates by AdaGrad-Norm (one scalar step size for the tree).
+
+  .. math::
+    v_t = v_{t-1} + \|h_t\|^2,\quad u_t = h_t / \sqrt{v_t},\quad
+    v_{-1} = \epsilon^2
+
+  with :math:`\|\cdot\|` the global L2 norm over every leaf. This is
+  LightSAM-I's descent rule and, scaled by ``rho``, its ascent rule.
+
+  Args:
+    eps: ``> 0``; ``eps**2`` is the initial accumulator.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> tx = samtx.scale_by_adagrad_norm(eps=1e-8)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([3.0, 4.0]), state)
+    >>> updates
+    Array([0.6, 0.8], dtype=float32)
+
+  References:
+    Cheng et al., 2025, LightSAM: Parameter-agnostic sharpness-aware
+    minimization, https://arxiv.org/abs/2505.24399
+    Ward et al., 2019, AdaGrad stepsizes, https://arxiv.org/abs/1806.01811
+  """
+  _check_moment_args("scale_by_adagrad_norm", eps=eps)
+
+  def init_fn(params):
+    return ScaleByAdagradNormState(sum_of_squares=jnp.full(
+        [], jnp.square(eps), _common.tree_stat_dtype(params)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    total = state.sum_of_squares + _common.global_sq_norm(
+        updates, state.sum_of_squares.dtype)
+    root = jnp.sqrt(total)
+    new_updates = jax.tree.map(
+        lambda h: (h.astype(total.dtype) / root).astype(h.dtype), updates)
+    return new_updates, ScaleByAdagradNormState(sum_of_squares=total)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAdagradState(NamedTuple):
+  """State of :func:`scale_by_adagrad`: per-coordinate sums ``v``."""
+  sum_of_squares: optax.Updates
+
+
+def scale_by_adagrad(eps: float = 1e-8) -> optax.GradientTransformation:
+  r"""Rescales updates by per-coordinate AdaGrad.
+
+  .. math::
+    v_t = v_{t-1} + h_t^2,\quad u_t = h_t / \sqrt{v_t},\quad
+    v_{-1} = \epsilon^2
+
+  elementwise. LightSAM-II's descent rule (and, scaled by ``rho``, its ascent
+  rule). Unlike ``optax.scale_by_rss`` no epsilon is added to the
+  denominator; the accumulator starts at ``eps**2``.
+
+  Args:
+    eps: ``> 0``; ``eps**2`` is the initial accumulator.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> tx = samtx.scale_by_adagrad()
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([3.0, -4.0]), state)
+    >>> updates
+    Array([ 1., -1.], dtype=float32)
+
+  References:
+    Cheng et al., 2025, LightSAM: Parameter-agnostic sharpness-aware
+    minimization, https://arxiv.org/abs/2505.24399
+    Duchi et al., 2011, Adaptive subgradient methods,
+    https://jmlr.org/papers/v12/duchi11a.html
+  """
+  _check_moment_args("scale_by_adagrad", eps=eps)
+
+  def init_fn(params):
+    return ScaleByAdagradState(
+        sum_of_squares=_common.full_like_stat(params, jnp.square(eps)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    sums = jax.tree.map(
+        lambda v, h: v + jnp.square(h.astype(v.dtype)),
+        state.sum_of_squares, updates)
+    new_updates = _precondition(
+        _common.to_stat(updates), sums, updates)
+    return new_updates, ScaleByAdagradState(sum_of_squares=sums)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAdamUncorrectedState(NamedTuple):
+  """State of :func:`scale_by_adam_uncorrected`."""
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_adam_uncorrected(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by the Adam form of LightSAM-III (no bias correction).
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) h_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) h_t^2,\quad
+    u_t = m_t / \sqrt{v_t}
+
+  with :math:`m_{-1} = 0`, :math:`v_{-1} = \epsilon^2`, no bias correction,
+  no running maximum and no epsilon in the denominator.
+
+  Args:
+    b1: decay of the first moment, in ``[0, 1)``.
+    b2: decay of the second moment, in ``[0, 1)``.
+    eps: ``> 0``; ``eps**2`` is the initial second moment.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> tx = samtx.scale_by_adam_uncorrected(b1=0.0, b2=0.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([2.0, -5.0]), state)
+    >>> updates
+    Array([ 1., -1.], dtype=float32)
+
+  References:
+    Cheng et al., 2025, LightSAM: Parameter-agnostic sharpness-aware
+    minimization, https://arxiv.org/abs/2505.24399
+  """
+  _check_moment_args("scale_by_adam_uncorrected", b1=b1, b2=b2, eps=eps)
+
+  def init_fn(params):
+    return ScaleByAdamUncorrectedState(
+        mu=_common.full_like_stat(params, 0.0),
+        nu=_common.full_like_stat(params, jnp.square(eps)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = _common.ema(state.mu, updates, b1)
+    nu = _common.ema(state.nu, jax.tree.map(jnp.square, _common.to_stat(updates)), b2)
+    return _precondition(mu, nu, updates), ScaleByAdamUncorrectedState(
+        mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+LIGHTSAM_VARIANTS = ("adagrad_norm", "adagrad", "adam")
+
+
+def lightsam_preconditioner(
+    variant: str,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  """The preconditioner LightSAM uses for both its ascent and descent steps.
+
+  Args:
+    variant: ``"adagrad_norm"`` (LightSAM-I), ``"adagrad"`` (LightSAM-II) or
+      ``"adam"`` (LightSAM-III).
+    b1: first-moment decay of the ``"adam"`` form (ignored otherwise).
+    b2: second-moment decay of the ``"adam"`` form (ignored otherwise).
+    eps: ``> 0``; accumulators start at ``eps**2``.
+
+  Returns:
+    :func:`scale_by_adagrad_norm`, :func:`scale_by_adagrad` or
+    :func:`scale_by_adam_uncorrected`.
+
+  Raises:
+    ValueError: ``variant`` is not one of the three names.
+
+  Example:
+    >>> import samtx
+    >>> tx = samtx.lightsam_preconditioner("adagrad")
+  """
+  if variant == "adagrad_norm":
+    return scale_by_adagrad_norm(eps)
+  if variant == "adagrad":
+    return scale_by_adagrad(eps)
+  if variant == "adam":
+    return scale_by_adam_uncorrected(b1, b2, eps)
+  raise ValueError(
+      f"LightSAM: variant must be one of {LIGHTSAM_VARIANTS}, got {variant!r}.")

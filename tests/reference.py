@@ -1,0 +1,161 @@
+"""Independent NumPy implementations of the DESIGN.md equations.
+
+Everything here works on flat lists of NumPy arrays, in float64, written
+straight from the equations (no samtx, optax or JAX code), so the tests compare
+two implementations that share nothing.
+"""
+
+import numpy as np
+
+
+def norm(xs):
+  return np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in xs))
+
+
+class Problem:
+  """f(x) = sum a x^4/4 + c x^2/2 + d x over a list of leaves; grad by hand."""
+
+  def __init__(self, shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    self.a = [rng.uniform(0.1, 1.0, s) for s in shapes]
+    self.c = [rng.uniform(0.5, 2.0, s) for s in shapes]
+    self.d = [rng.normal(size=s) for s in shapes]
+    self.x0 = [rng.normal(size=s) for s in shapes]
+
+  def grad(self, xs):
+    return [a * x ** 3 + c * x + d
+            for a, c, d, x in zip(self.a, self.c, self.d, xs)]
+
+
+# ---------------------------------------------------------------- ascent rules
+def sam_perturbation(xs, gs, rho, *, adaptive=False, eta=0.0, eps=1e-12):
+  if adaptive:
+    ts = [np.abs(x) + eta for x in xs]
+    denom = norm([t * g for t, g in zip(ts, gs)]) + eps
+    return [rho * t * t * g / denom for t, g in zip(ts, gs)]
+  denom = norm(gs) + eps
+  return [rho * g / denom for g in gs]
+
+
+class AdaGradNorm:
+  def __init__(self, xs, eps):
+    self.u = eps ** 2
+
+  def __call__(self, gs):
+    self.u += norm(gs) ** 2
+    return [g / np.sqrt(self.u) for g in gs]
+
+
+class AdaGrad:
+  def __init__(self, xs, eps):
+    self.u = [np.full(np.shape(x), eps ** 2) for x in xs]
+
+  def __call__(self, gs):
+    self.u = [u + g * g for u, g in zip(self.u, gs)]
+    return [g / np.sqrt(u) for g, u in zip(gs, self.u)]
+
+
+class AdamForm:
+  def __init__(self, xs, eps, b1=0.9, b2=0.999):
+    self.b1, self.b2 = b1, b2
+    self.m = [np.zeros(np.shape(x)) for x in xs]
+    self.v = [np.full(np.shape(x), eps ** 2) for x in xs]
+
+  def __call__(self, gs):
+    self.m = [self.b1 * m + (1 - self.b1) * g for m, g in zip(self.m, gs)]
+    self.v = [self.b2 * v + (1 - self.b2) * g * g for v, g in zip(self.v, gs)]
+    return [m / np.sqrt(v) for m, v in zip(self.m, self.v)]
+
+
+class AMSGrad:
+  def __init__(self, xs, eps, b1=0.9, b2=0.999, delayed=False):
+    self.b1, self.b2, self.delayed = b1, b2, delayed
+    self.m = [np.zeros(np.shape(x)) for x in xs]
+    self.v = [np.zeros(np.shape(x)) for x in xs]
+    self.vhat = [np.full(np.shape(x), eps ** 2) for x in xs]
+    self.t = 0
+
+  def __call__(self, hs):
+    self.m = [self.b1 * m + (1 - self.b1) * h for m, h in zip(self.m, hs)]
+    self.v = [self.b2 * v + (1 - self.b2) * h * h for v, h in zip(self.v, hs)]
+    prev = self.vhat
+    self.vhat = [np.maximum(p, v) for p, v in zip(prev, self.v)]
+    denom = self.vhat if (not self.delayed or self.t == 0) else prev
+    self.t += 1
+    return [m / np.sqrt(d) for m, d in zip(self.m, denom)]
+
+
+class SGD:
+  def __init__(self, xs, momentum=0.0, nesterov=False):
+    self.mu, self.nesterov = momentum, nesterov
+    self.v = [np.zeros(np.shape(x)) for x in xs]
+
+  def __call__(self, hs):
+    self.v = [self.mu * v + h for v, h in zip(self.v, hs)]
+    if self.nesterov:
+      return [h + self.mu * v for h, v in zip(hs, self.v)]
+    return list(self.v)
+
+
+PRECONDITIONERS = {"adagrad_norm": AdaGradNorm, "adagrad": AdaGrad,
+                   "adam": AdamForm}
+
+
+# ------------------------------------------------------------------ optimizers
+def run_two_pass(problem, steps, lr, ascent, descent):
+  """x <- x - lr * descent(grad(x + ascent(x, grad(x)))), recorded per step."""
+  xs = [np.array(x, np.float64) for x in problem.x0]
+  trajectory = []
+  for _ in range(steps):
+    gs = problem.grad(xs)
+    es = ascent(xs, gs)
+    hs = problem.grad([x + e for x, e in zip(xs, es)])
+    ds = descent(hs)
+    xs = [x - lr * d for x, d in zip(xs, ds)]
+    trajectory.append(xs)
+  return trajectory
+
+
+def sam_run(problem, steps, lr, rho, *, momentum=0.0, nesterov=False,
+            adaptive=False, eta=0.0):
+  sgd = SGD(problem.x0, momentum, nesterov)
+  return run_two_pass(
+      problem, steps, lr,
+      lambda xs, gs: sam_perturbation(xs, gs, rho, adaptive=adaptive, eta=eta),
+      sgd)
+
+
+def adasam_run(problem, steps, lr, rho, *, b1=0.9, b2=0.999, eps=1e-8,
+               delayed=False):
+  rule = AMSGrad(problem.x0, eps, b1, b2, delayed)
+  return run_two_pass(problem, steps, lr,
+                      lambda xs, gs: sam_perturbation(xs, gs, rho), rule)
+
+
+def lightsam_run(problem, steps, lr, rho, variant, *, eps=1e-8, b1=0.9,
+                 b2=0.999):
+  kwargs = {"b1": b1, "b2": b2} if variant == "adam" else {}
+  ascent_rule = PRECONDITIONERS[variant](problem.x0, eps, **kwargs)
+  descent_rule = PRECONDITIONERS[variant](problem.x0, eps, **kwargs)
+  return run_two_pass(
+      problem, steps, lr,
+      lambda xs, gs: [rho * d for d in ascent_rule(gs)], descent_rule)
+
+
+def msam_run(problem, steps, lr, rho, *, momentum=0.9, nesterov=False):
+  """Returns (held weights x~, clean weights x) after each step."""
+  x = [np.array(v, np.float64) for v in problem.x0]
+  v = [np.zeros_like(xi) for xi in x]
+  held = [xi.copy() for xi in x]
+  out = []
+  for _ in range(steps):
+    g = problem.grad(held)
+    n = norm(v) + 1e-12
+    x = [h + rho * vi / n for h, vi in zip(held, v)]
+    v = [momentum * vi + gi for vi, gi in zip(v, g)]
+    d = [gi + momentum * vi for gi, vi in zip(g, v)] if nesterov else v
+    x = [xi - lr * di for xi, di in zip(x, d)]
+    n = norm(v) + 1e-12
+    held = [xi - rho * vi / n for xi, vi in zip(x, v)]
+    out.append((held, x))
+  return out

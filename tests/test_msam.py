@@ -1,0 +1,107 @@
+"""MSAM: the held-weights recurrence, unperturb, and its memory promise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import samtx
+from tests import helpers
+from tests import reference
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_held_weights_and_unperturb_follow_recurrence_for_20_steps(dtype, nesterov):
+  problem, loss, params, _ = helpers.problem_and_loss(dtype)
+  opt = samtx.msam(0.02, rho=0.1, momentum=0.9, nesterov=nesterov)
+  step = helpers.make_step(opt, loss)
+  state = opt.init(params)
+  want = reference.msam_run(problem, 20, 0.02, 0.1, momentum=0.9,
+                            nesterov=nesterov)
+  tol = helpers.tolerances(dtype)
+  if dtype == jnp.float32:
+    tol = {"rtol": 1e-4, "atol": 2e-5}  # 20 steps of float32 rounding
+  for t, (held_ref, clean_ref) in enumerate(want):
+    params, state = step(params, state)
+    for got, ref in zip(helpers.leaves(params), held_ref):
+      np.testing.assert_allclose(got, ref, err_msg=f"held, step {t}", **tol)
+    clean = samtx.unperturb(params, state)
+    for got, ref in zip(helpers.leaves(clean), clean_ref):
+      np.testing.assert_allclose(got, ref, err_msg=f"clean, step {t}", **tol)
+
+
+def test_state_is_sgd_momentum_plus_scalars():
+  params = {"w": jnp.ones((30, 20)), "b": jnp.ones(20)}
+  state = samtx.msam(0.1, 0.05).init(params)
+  base = optax.sgd(0.1, momentum=0.9).init(params)
+  big = [x for x in jax.tree.leaves(state) if np.ndim(x) > 0]
+  base_big = [x for x in jax.tree.leaves(base) if np.ndim(x) > 0]
+  assert sum(x.size for x in big) == sum(x.size for x in base_big)
+  assert sum(x.size for x in big) == 30 * 20 + 20  # exactly the momentum
+  scalars = [x for x in jax.tree.leaves(state) if np.ndim(x) == 0]
+  assert len(scalars) <= 3
+
+
+def test_first_step_holds_clean_weights_then_perturbs():
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  opt = samtx.msam(0.02, rho=0.3)
+  state = opt.init(params)
+  for a, b in zip(jax.tree.leaves(samtx.unperturb(params, state)),
+                  jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  params, state = helpers.make_step(opt, loss)(params, state)
+  shift = [a - b for a, b in zip(helpers.leaves(samtx.unperturb(params, state)),
+                                 helpers.leaves(params))]
+  np.testing.assert_allclose(reference.norm(shift), 0.3, rtol=1e-4)
+
+
+def test_unperturb_is_identity_for_other_optimizers():
+  params = {"w": jnp.arange(3.0)}
+  for opt in [samtx.sam(0.1), samtx.adasam(0.1), optax.adam(0.1)]:
+    out = samtx.unperturb(params, opt.init(params))
+    np.testing.assert_array_equal(out["w"], params["w"])
+
+
+def test_unperturb_finds_state_inside_wrappers():
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  inner = samtx.msam(0.02, rho=0.1)
+  wrapped = optax.chain(optax.add_decayed_weights(0.0),
+                        optax.inject_hyperparams(samtx.msam)(
+                            learning_rate=0.02, rho=0.1))
+  p1, s1 = helpers.run(inner, loss, params, 3)
+  p2, s2 = helpers.run(wrapped, loss, params, 3)
+  for a, b in zip(jax.tree.leaves(samtx.unperturb(p1[-1], s1)),
+                  jax.tree.leaves(samtx.unperturb(p2[-1], s2))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unperturb_rejects_ambiguous_state():
+  params = {"w": jnp.ones(2)}
+  state = (samtx.msam(0.1, 0.1).init(params), samtx.msam(0.1, 0.1).init(params))
+  with pytest.raises(ValueError, match="MSAM states"):
+    samtx.unperturb(params, state)
+
+
+def test_rho_schedule_is_undone_with_the_radius_used():
+  """A changing rho: unperturb removes the perturbation actually applied."""
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  schedule = optax.linear_schedule(0.3, 0.0, 4)
+  opt = samtx.msam(0.02, rho=schedule)
+  traj, state = helpers.run(opt, loss, params, 3)
+  assert float(state.rho) == pytest.approx(float(schedule(2)))
+  clean = samtx.unperturb(traj[-1], state)
+  shift = [a - b for a, b in zip(helpers.leaves(clean), helpers.leaves(traj[-1]))]
+  np.testing.assert_allclose(reference.norm(shift), float(schedule(2)), rtol=1e-4)
+
+
+def test_weight_decay_chained_before_sees_held_weights():
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  wd = 0.1
+  opt = optax.chain(optax.add_decayed_weights(wd), samtx.msam(0.02, rho=0.1))
+  decayed_loss = lambda p: loss(p) + 0.5 * wd * sum(
+      jnp.sum(x ** 2) for x in jax.tree.leaves(p))
+  got, _ = helpers.run(opt, loss, params, 5)
+  want, _ = helpers.run(samtx.msam(0.02, rho=0.1), decayed_loss, params, 5)
+  for a, b in zip(jax.tree.leaves(got[-1]), jax.tree.leaves(want[-1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
