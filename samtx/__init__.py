@@ -4,6 +4,7 @@ from samtx.aliases import adasam
 from samtx.aliases import amsgrad
 from samtx.aliases import lightsam
 from samtx.aliases import sam
+from samtx.guards import apply_if_finite
 from samtx.moments import LIGHTSAM_VARIANTS
 from samtx.moments import lightsam_preconditioner
 from samtx.moments import scale_by_adagrad
@@ -45,6 +46,8 @@ __all__ = (
     "amsgrad",
     "lightsam",
     "msam",
+    # guards
+    "apply_if_finite",
     # one-pass helpers
     "MSAMState",
     "unperturb",

@@ -44,6 +44,19 @@ class PerturbationState(NamedTuple):
 AscentRule = Callable[[Any, Any, Any, Any], tuple]
 
 
+def _reject_masked(params, who: str) -> None:
+  """``optax.masked`` hides leaves from params, so grad_fn could not run."""
+  nodes = jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  if any(isinstance(x, optax.MaskedNode) for x in nodes):
+    raise TypeError(
+        f"{who} cannot run inside optax.masked: the masked params it would"
+        " receive lack the leaves grad_fn needs. To freeze leaves, zero their"
+        " gradients around the perturbation instead: optax.chain("
+        "optax.masked(optax.set_to_zero(), frozen), samtx.sam_perturbation(rho),"
+        " optax.masked(optax.set_to_zero(), frozen), optax.sgd(lr)).")
+
+
 def _two_pass(
     who: str,
     rho,
@@ -69,6 +82,7 @@ def _two_pass(
     if params is None:
       raise ValueError(
           f"{who}.update needs params: the perturbation is applied to them.")
+    _reject_masked(params, who)
     rho_t = _common.value_at(rho, state.count)
     perturbation, norm, inner = ascent(updates, state.inner, params, rho_t)
     perturbed = _common.perturbed_gradient(
