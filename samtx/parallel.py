@@ -280,7 +280,7 @@ def replicate(tree, mesh: Mesh):
     >>> mesh = jax.make_mesh((jax.device_count(),), ("batch",))
     >>> params = par.replicate({"w": jnp.ones(3)}, mesh)
     >>> params["w"].sharding.spec
-    PartitionSpec()
+    P()
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(f"replicate: mesh must be a jax.sharding.Mesh, got {mesh!r}.")
@@ -343,7 +343,7 @@ def shard_batch(batch, mesh: Mesh, axis_name: str = "batch"):
     >>> mesh = jax.make_mesh((jax.device_count(),), ("batch",))
     >>> x = par.shard_batch(jnp.zeros((8 * jax.device_count(), 2)), mesh)
     >>> x.sharding.spec
-    PartitionSpec('batch',)
+    P('batch',)
   """
   n = _check_mesh(mesh, axis_name, "shard_batch")
   _check_divisible(batch, n, "shard_batch")
