@@ -284,7 +284,11 @@ def replicate(tree, mesh: Mesh):
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(f"replicate: mesh must be a jax.sharding.Mesh, got {mesh!r}.")
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  sharding = NamedSharding(mesh, P())
+  # One fresh buffer per leaf: optimizer states may hold the same array
+  # object twice, and a buffer cannot be donated twice in one call.
+  return jax.tree.map(
+      lambda x: jax.device_put(jnp.array(x, copy=True), sharding), tree)
 
 
 def pmap_replicate(tree, devices: Optional[Sequence[Any]] = None):
@@ -309,7 +313,7 @@ def pmap_replicate(tree, devices: Optional[Sequence[Any]] = None):
   sharding = NamedSharding(mesh, P("_devices"))
   return jax.tree.map(
       lambda x: jax.device_put(
-          jnp.broadcast_to(jnp.asarray(x), (len(devices),) + jnp.shape(x)),
+          jnp.array(jnp.broadcast_to(x, (len(devices),) + jnp.shape(x))),
           sharding), tree)
 
 
