@@ -1,0 +1,624 @@
+"""Flax integration: samtx optimizers in linen ``TrainState`` and NNX ``Optimizer``.
+
+Two-pass optimizers (SAM, ASAM, AdaSAM, LightSAM) need a ``grad_fn`` at
+``update`` time; this module supplies it for both Flax APIs and gets the
+SAM-specific details right:
+
+* **BatchNorm**: running statistics are updated from the clean pass only.
+  The perturbed pass runs in training mode (it normalises with its own batch
+  statistics) but its statistic updates are discarded.
+* **Dropout**: the perturbed pass uses the same dropout key as the clean pass,
+  so both gradients see the same sub-network.
+* **MSAM**: the weights a training loop holds carry the perturbation;
+  :func:`eval_params`, :func:`eval_variables` and :func:`eval_model` return the
+  weights to evaluate or export (via :func:`samtx.unperturb`).
+* **Metrics for free**: :func:`make_train_step` and
+  :func:`make_nnx_train_step` return the loss at the held weights, the loss
+  at the perturbed point and the perturbation norm while running exactly the
+  forward passes the optimizer needs (two for SAM, one for MSAM).
+
+Inside this module ``import flax`` is the Flax package (imports are absolute);
+import this module as ``samtx.flax`` or ``from samtx import flax as samtx_flax``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from flax import struct
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
+from flax.training import train_state
+
+from samtx import _common
+from samtx.msam import MSAMState
+from samtx.msam import unperturb
+from samtx.perturbations import PerturbationState
+
+__all__ = [
+    "TrainState",
+    "apply_gradients",
+    "eval_params",
+    "eval_variables",
+    "make_train_step",
+    "make_grad_fn",
+    "make_nnx_train_step",
+    "eval_model",
+    "perturbation_norm",
+]
+
+Metrics = dict
+
+
+# ----------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------
+
+
+def _check_callable(name: str, value, who: str) -> None:
+  if not callable(value):
+    raise TypeError(f"{who}: {name} must be callable, got {value!r}.")
+
+
+def _check_bool(name: str, value, who: str) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{who}: {name} must be a bool, got {value!r}.")
+
+
+def _split_aux(out, has_aux: bool, who: str):
+  """``(loss, aux)`` from a loss function's output, with shape checks."""
+  if has_aux:
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError(
+          f"{who}: with has_aux=True, loss_fn must return (loss, aux) where"
+          f" aux is a dict of metrics; got {type(out).__name__}.")
+    loss, aux = out
+    if not isinstance(aux, Mapping):
+      raise TypeError(
+          f"{who}: with has_aux=True, aux must be a dict of metrics, got"
+          f" {type(aux).__name__}.")
+  else:
+    if isinstance(out, tuple):
+      raise TypeError(
+          f"{who}: loss_fn returned a tuple; pass has_aux=True when it returns"
+          " (loss, aux).")
+    loss, aux = out, {}
+  if jnp.ndim(loss) != 0:
+    raise ValueError(
+        f"{who}: loss_fn must return a scalar loss, got shape"
+        f" {jnp.shape(loss)}.")
+  return loss, dict(aux)
+
+
+class _LossRecorder:
+  """Remembers the loss of the perturbed pass during the step's trace.
+
+  ``grad_fn`` is called inside ``tx.update``, which the training step calls
+  in its own trace, so the loss it computed may be returned from that step.
+  The trace is checked: a ``grad_fn`` called under a nested transform (e.g.
+  inside ``jax.lax.cond``) cannot hand its value out.
+  """
+
+  def __init__(self):
+    self.value = None
+    self.trace = None
+    self.calls = 0
+
+  def record(self, loss) -> None:
+    self.value = loss
+    self.trace = jax.extend.core.get_opaque_trace_state()
+    self.calls += 1
+
+  def get(self, fallback):
+    """The recorded loss, or ``fallback`` when grad_fn was never called."""
+    if self.calls == 0:
+      return fallback
+    if self.trace != jax.extend.core.get_opaque_trace_state():
+      warnings.warn(
+          "samtx.flax: grad_fn ran under a nested JAX transform (e.g. inside"
+          " jax.lax.cond), so its loss cannot be returned; metrics"
+          " 'perturbed_loss' is NaN. The update itself is unaffected.",
+          stacklevel=3)
+      return jnp.full_like(fallback, jnp.nan)
+    return self.value
+
+
+def perturbation_norm(params, old_opt_state, new_opt_state) -> jax.Array:
+  """Global L2 norm of the perturbation the last update evaluated its gradient at.
+
+  Two-pass transforms report it in ``PerturbationState.perturbation_norm``
+  (read from ``new_opt_state``). MSAM's held weights carry a perturbation set
+  by the *previous* update: its norm is ``||params - unperturb(params,
+  old_opt_state)||``. Several perturbations (e.g. ``optax.multi_transform``
+  of two SAMs) combine as the square root of the sum of squares; an optimizer
+  with none gives 0.
+
+  Args:
+    params: the parameters the update started from (the held weights).
+    old_opt_state: the optimizer state before the update.
+    new_opt_state: the optimizer state after the update.
+
+  Returns:
+    A float32 (or wider) scalar.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, samtx
+    >>> from samtx import flax as samtx_flax
+    >>> loss = lambda p: jnp.sum(p ** 2)
+    >>> opt, params = samtx.sam(0.1, rho=0.05), jnp.array([3.0, 4.0])
+    >>> old = opt.init(params)
+    >>> _, new = opt.update(jax.grad(loss)(params), old, params,
+    ...                     grad_fn=jax.grad(loss))
+    >>> print(f"{samtx_flax.perturbation_norm(params, old, new):.3f}")
+    0.050
+  """
+  is_state = lambda s: isinstance(s, (PerturbationState, MSAMState))
+  squares = [jnp.square(s.perturbation_norm.astype(jnp.float32))
+             for s in jax.tree.leaves(new_opt_state, is_leaf=is_state)
+             if isinstance(s, PerturbationState)]
+  if any(isinstance(s, MSAMState)
+         for s in jax.tree.leaves(old_opt_state, is_leaf=is_state)):
+    shift = jax.tree.map(lambda p, c: p - c, params,
+                         unperturb(params, old_opt_state))
+    squares.append(_common.global_sq_norm(shift).astype(jnp.float32))
+  if not squares:
+    return jnp.zeros([], jnp.float32)
+  return jnp.sqrt(sum(squares))
+
+
+def _metrics(loss, perturbed_loss, norm, aux, who) -> Metrics:
+  metrics = {"loss": loss, "perturbed_loss": perturbed_loss,
+             "perturbation_norm": norm}
+  clash = sorted(set(aux) & set(metrics))
+  if clash:
+    raise ValueError(
+        f"{who}: aux metrics {clash} clash with the metrics samtx returns;"
+        " rename them.")
+  metrics.update(aux)
+  return metrics
+
+
+# ----------------------------------------------------------------------------
+# linen
+# ----------------------------------------------------------------------------
+
+
+def apply_gradients(state, *, grads, grad_fn=None, **kwargs):
+  """``TrainState.apply_gradients`` that forwards ``grad_fn`` to ``tx.update``.
+
+  Works with the stock ``flax.training.train_state.TrainState`` and any
+  subclass of it (anything with ``step``, ``params``, ``tx``, ``opt_state``
+  and ``replace``). Stock ``state.apply_gradients`` cannot pass ``grad_fn``,
+  which samtx's two-pass optimizers need.
+
+  Args:
+    state: a linen train state.
+    grads: gradients at ``state.params`` (same tree).
+    grad_fn: ``params -> grads``, evaluated by the optimizer at the perturbed
+      point; build it on the same batch (and dropout key) as ``grads``. May be
+      ``None`` for optimizers that do not need it (MSAM, plain optax).
+    **kwargs: other fields to ``replace`` (e.g. ``batch_stats``).
+
+  Returns:
+    The state with ``step + 1``, updated ``params`` and ``opt_state``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, samtx
+    >>> from flax.training import train_state
+    >>> from samtx import flax as samtx_flax
+    >>> model = nn.Dense(1)
+    >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+    >>> state = train_state.TrainState.create(
+    ...     apply_fn=model.apply, tx=samtx.sam(0.1, rho=0.05),
+    ...     params=model.init(jax.random.key(0), x)["params"])
+    >>> loss = lambda p: jnp.mean((state.apply_fn({"params": p}, x) - y) ** 2)
+    >>> state = samtx_flax.apply_gradients(
+    ...     state, grads=jax.grad(loss)(state.params), grad_fn=jax.grad(loss))
+    >>> int(state.step)
+    1
+
+  References:
+    Foret et al., 2021, https://arxiv.org/abs/2010.01412
+  """
+  if grad_fn is not None:
+    _check_callable("grad_fn", grad_fn, "samtx.flax.apply_gradients")
+  extra = {} if grad_fn is None else {"grad_fn": grad_fn}
+  # Same fp8 convention as flax: OVERWRITE_WITH_GRADIENT leaves bypass tx and
+  # grad_fn then sees (and must return) the 'params' sub-collection.
+  overwrite = isinstance(grads, Mapping) and OVERWRITE_WITH_GRADIENT in grads
+  params = state.params["params"] if overwrite else state.params
+  tx_grads = grads["params"] if overwrite else grads
+  updates, opt_state = state.tx.update(tx_grads, state.opt_state, params,
+                                       **extra)
+  new_params = optax.apply_updates(params, updates)
+  if overwrite:
+    new_params = {"params": new_params,
+                  OVERWRITE_WITH_GRADIENT: grads[OVERWRITE_WITH_GRADIENT]}
+  return state.replace(step=state.step + 1, params=new_params,
+                       opt_state=opt_state, **kwargs)
+
+
+class TrainState(train_state.TrainState):
+  """A linen ``TrainState`` for samtx: ``grad_fn`` and BatchNorm statistics.
+
+  Attributes:
+    batch_stats: the ``'batch_stats'`` collection of a model with BatchNorm
+      (``None`` for models without one). :func:`make_train_step` updates it
+      from the clean pass only.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, samtx
+    >>> from samtx import flax as samtx_flax
+    >>> model = nn.Dense(1)
+    >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+    >>> state = samtx_flax.TrainState.create(
+    ...     apply_fn=model.apply, tx=samtx.adasam(1e-2, rho=0.05),
+    ...     params=model.init(jax.random.key(0), x)["params"])
+    >>> loss = lambda p: jnp.mean((state.apply_fn({"params": p}, x) - y) ** 2)
+    >>> grad_fn = jax.grad(loss)
+    >>> state = state.apply_gradients(grads=grad_fn(state.params), grad_fn=grad_fn)
+    >>> int(state.step), state.batch_stats is None
+    (1, True)
+  """
+
+  batch_stats: Any = struct.field(pytree_node=True, default=None)
+
+  def apply_gradients(self, *, grads, grad_fn=None, **kwargs):
+    """Applies ``grads`` with ``tx``, forwarding ``grad_fn`` (see :func:`apply_gradients`).
+
+    Args:
+      grads: gradients at ``self.params``.
+      grad_fn: ``params -> grads`` for two-pass optimizers, else ``None``.
+      **kwargs: other fields to ``replace``.
+
+    Returns:
+      The updated state.
+    """
+    return apply_gradients(self, grads=grads, grad_fn=grad_fn, **kwargs)
+
+
+def eval_params(state):
+  """The parameters to evaluate or export: ``samtx.unperturb(params, opt_state)``.
+
+  Identity except for MSAM, whose held weights carry the perturbation.
+
+  Args:
+    state: a linen train state.
+
+  Returns:
+    A tree like ``state.params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, samtx
+    >>> from flax.training import train_state
+    >>> from samtx import flax as samtx_flax
+    >>> state = train_state.TrainState.create(
+    ...     apply_fn=None, params={"w": jnp.ones(2)}, tx=samtx.msam(0.1, 0.05))
+    >>> samtx_flax.eval_params(state)["w"]
+    Array([1., 1.], dtype=float32)
+
+  References:
+    Becker et al., 2024, https://arxiv.org/abs/2401.12033
+  """
+  return unperturb(state.params, state.opt_state)
+
+
+def eval_variables(state) -> dict:
+  """``{'params': eval_params(state)}`` plus ``batch_stats`` when the state has them.
+
+  Args:
+    state: a linen train state (``batch_stats`` is read when present).
+
+  Returns:
+    A variables dict for ``state.apply_fn(variables, x, train=False)``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> from samtx import flax as samtx_flax
+    >>> state = samtx_flax.TrainState.create(
+    ...     apply_fn=None, params={"w": jnp.ones(2)}, tx=samtx.sam(0.1),
+    ...     batch_stats={"mean": jnp.zeros(2)})
+    >>> sorted(samtx_flax.eval_variables(state))
+    ['batch_stats', 'params']
+  """
+  variables = {"params": eval_params(state)}
+  batch_stats = getattr(state, "batch_stats", None)
+  if batch_stats is not None:
+    variables["batch_stats"] = batch_stats
+  return variables
+
+
+def _as_rngs(rngs, who):
+  """``None``, a PRNG key (the ``'dropout'`` stream) or a dict of keys."""
+  if rngs is None or isinstance(rngs, Mapping):
+    return rngs
+  if isinstance(rngs, jax.Array):
+    return {"dropout": rngs}
+  raise TypeError(
+      f"{who}: rngs must be None, a PRNG key or a dict of PRNG keys, got"
+      f" {type(rngs).__name__}.")
+
+
+def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
+  """Builds a linen training step for any samtx (or optax) optimizer.
+
+  ``loss_fn(params, batch, apply)`` computes the loss; it calls the model
+  through ``apply(*inputs, **kwargs)``, which runs ``state.apply_fn`` with
+  the right variables, the step's dropout key and, for states with
+  ``batch_stats``, ``mutable=['batch_stats']``. The step then
+
+  1. runs the clean pass (loss and gradient at ``state.params``), keeping its
+     updated BatchNorm statistics;
+  2. hands ``tx.update`` a ``grad_fn`` that runs the *same* ``loss_fn``, in
+     training mode and with the *same* dropout key, at the perturbed point and
+     discards that pass's statistic updates;
+  3. returns the new state and metrics, with no forward pass beyond those
+     (two for SAM/ASAM/AdaSAM/LightSAM, one for MSAM and plain optax).
+
+  Metrics: ``loss`` is the loss at ``state.params`` (the held weights; for
+  MSAM these carry the perturbation, evaluate :func:`eval_params` for the
+  clean ones); ``perturbed_loss`` is the loss at the point whose gradient
+  drives the descent (for MSAM and plain optax the same pass, so equal to
+  ``loss``); ``perturbation_norm`` see :func:`perturbation_norm`. With
+  ``has_aux=True`` the dict ``aux`` of the clean pass is merged in.
+
+  Args:
+    loss_fn: ``(params, batch, apply) -> loss`` or ``(loss, aux)``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)`` with ``aux`` a dict.
+
+  Returns:
+    ``train_step(state, batch, rngs=None) -> (state, metrics)``, a pure
+    function to wrap in ``jax.jit``. ``rngs`` is a PRNG key (used as the
+    ``'dropout'`` stream) or a dict of keys; use a fresh key every step, e.g.
+    ``jax.random.fold_in(key, state.step)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, samtx
+    >>> from samtx import flax as samtx_flax
+    >>> model = nn.Dense(3)
+    >>> batch = {"x": jnp.ones((8, 4)), "y": jnp.arange(8) % 3}
+    >>> def loss_fn(params, batch, apply):
+    ...   logits = apply(batch["x"])
+    ...   return optax.softmax_cross_entropy_with_integer_labels(
+    ...       logits, batch["y"]).mean()
+    >>> state = samtx_flax.TrainState.create(
+    ...     apply_fn=model.apply, tx=samtx.sam(0.1, rho=0.05),
+    ...     params=model.init(jax.random.key(0), batch["x"])["params"])
+    >>> train_step = jax.jit(samtx_flax.make_train_step(loss_fn))
+    >>> state, metrics = train_step(state, batch)
+    >>> sorted(metrics)
+    ['loss', 'perturbation_norm', 'perturbed_loss']
+    >>> bool(metrics["perturbed_loss"] > metrics["loss"])
+    True
+
+  References:
+    Foret et al., 2021, https://arxiv.org/abs/2010.01412;
+    Becker et al., 2024, https://arxiv.org/abs/2401.12033
+  """
+  who = "samtx.flax.make_train_step"
+  _check_callable("loss_fn", loss_fn, who)
+  _check_bool("has_aux", has_aux, who)
+
+  def train_step(state, batch, rngs=None):
+    rngs = _as_rngs(rngs, who)
+    batch_stats = getattr(state, "batch_stats", None)
+
+    def forward(params):
+      """One forward pass; returns (loss, (aux, new_batch_stats))."""
+      mutated = {}
+
+      def apply(*args, **kwargs):
+        variables = {"params": params}
+        if batch_stats is None:
+          return state.apply_fn(variables, *args, rngs=rngs, **kwargs)
+        variables["batch_stats"] = batch_stats
+        out, updates = state.apply_fn(variables, *args, rngs=rngs,
+                                      mutable=["batch_stats"], **kwargs)
+        mutated.update(updates)
+        return out
+
+      loss, aux = _split_aux(loss_fn(params, batch, apply), has_aux, who)
+      return loss, (aux, mutated.get("batch_stats", batch_stats))
+
+    value_and_grad = jax.value_and_grad(forward, has_aux=True)
+    (loss, (aux, new_batch_stats)), grads = value_and_grad(state.params)
+    recorder = _LossRecorder()
+
+    def grad_fn(params):
+      (perturbed_loss, _), perturbed_grads = value_and_grad(params)
+      recorder.record(perturbed_loss)  # statistics of this pass: discarded
+      return perturbed_grads
+
+    new_state = apply_gradients(state, grads=grads, grad_fn=grad_fn)
+    if batch_stats is not None:
+      new_state = new_state.replace(batch_stats=new_batch_stats)
+    norm = perturbation_norm(state.params, state.opt_state,
+                             new_state.opt_state)
+    return new_state, _metrics(loss, recorder.get(loss), norm, aux, who)
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------
+# NNX
+# ----------------------------------------------------------------------------
+
+
+def make_grad_fn(loss_fn: Callable[..., Any], model: nnx.Module, *args,
+                 wrt=nnx.Param, has_aux: bool = False, **kwargs):
+  """A ``grad_fn`` for ``nnx.Optimizer.update(model, grads, grad_fn=...)``.
+
+  The returned function takes the pure ``nnx.State`` of the ``wrt``
+  parameters (what ``nnx.Optimizer`` passes ``tx.update``) and returns
+  ``d loss_fn(model', *args, **kwargs) / d params`` as the same tree, where
+  ``model'`` is a fresh copy of ``model`` with those parameters. Everything
+  else (BatchNorm statistics, dropout RNG counters) is copied from ``model``
+  *as it is now*: the model is never mutated by the perturbed pass, and
+  because RNG counters are taken before the clean pass advances them, the
+  perturbed pass draws the same dropout masks. **Call it before the clean
+  pass** (``nnx.value_and_grad(loss_fn)(model, ...)``).
+
+  Args:
+    loss_fn: ``(model, *args, **kwargs) -> loss`` (or ``(loss, aux)``).
+    model: the NNX model, in training mode.
+    *args: positional arguments of ``loss_fn`` after the model (the batch).
+    wrt: the optimizer's ``wrt`` filter (default ``nnx.Param``).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is ignored.
+    **kwargs: keyword arguments of ``loss_fn``.
+
+  Returns:
+    ``grad_fn(params_state) -> grads_state``. After it has been called in a
+    trace, ``grad_fn.loss`` holds the loss it computed (a value of that
+    trace).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> from flax import nnx
+    >>> from samtx import flax as samtx_flax
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, samtx.sam(0.1, rho=0.05), wrt=nnx.Param)
+    >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+    >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    >>> grad_fn = samtx_flax.make_grad_fn(loss_fn, model, x, y)
+    >>> grads = nnx.grad(loss_fn)(model, x, y)
+    >>> _ = optimizer.update(model, grads, grad_fn=grad_fn)
+    >>> int(optimizer.step[...])
+    1
+
+  References:
+    Foret et al., 2021, https://arxiv.org/abs/2010.01412
+  """
+  who = "samtx.flax.make_grad_fn"
+  _check_callable("loss_fn", loss_fn, who)
+  _check_bool("has_aux", has_aux, who)
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{who}: model must be an nnx.Module, got"
+                    f" {type(model).__name__}.")
+  graphdef, _, rest = nnx.split(model, wrt, ...)
+  # Pure arrays: nnx.merge builds new Variables from them, so updates made by
+  # the perturbed pass (BatchStat, RngCount) never reach `model`.
+  rest = nnx.as_pure(rest)
+
+  def perturbed_loss(params):
+    out = loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs)
+    return _split_aux(out, has_aux, who)[0]
+
+  value_and_grad = jax.value_and_grad(perturbed_loss)
+  recorder = _LossRecorder()
+
+  def grad_fn(params):
+    loss, grads = value_and_grad(nnx.as_pure(params))
+    recorder.record(loss)
+    grad_fn.loss = loss
+    return grads
+
+  grad_fn.loss = None
+  grad_fn.recorder = recorder
+  return grad_fn
+
+
+def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
+  """Builds an NNX training step for an ``nnx.Optimizer`` holding any samtx optimizer.
+
+  The step snapshots the model (:func:`make_grad_fn`), runs the clean pass
+  with ``nnx.value_and_grad`` (which updates BatchNorm statistics and
+  advances the dropout RNG as usual), then calls
+  ``optimizer.update(model, grads, grad_fn=grad_fn)``: the perturbed pass
+  runs in training mode on a copy, with the pre-step RNG state (same dropout
+  masks), and its statistic updates are discarded.
+
+  Metrics are those of :func:`make_train_step`: ``loss`` (at the held
+  weights), ``perturbed_loss``, ``perturbation_norm``, plus ``aux``.
+
+  Args:
+    loss_fn: ``(model, *args) -> loss`` or ``(loss, aux)`` with aux a dict.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``train_step(model, optimizer, *args) -> metrics``, which updates
+    ``model`` and ``optimizer`` in place; wrap it in ``nnx.jit``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> from flax import nnx
+    >>> from samtx import flax as samtx_flax
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, samtx.lightsam(0.1, rho=0.05), wrt=nnx.Param)
+    >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    >>> train_step = nnx.jit(samtx_flax.make_nnx_train_step(loss_fn))
+    >>> metrics = train_step(model, optimizer, jnp.ones((4, 2)), jnp.zeros((4, 1)))
+    >>> bool(metrics["perturbed_loss"] >= metrics["loss"])
+    True
+
+  References:
+    Foret et al., 2021, https://arxiv.org/abs/2010.01412
+  """
+  who = "samtx.flax.make_nnx_train_step"
+  _check_callable("loss_fn", loss_fn, who)
+  _check_bool("has_aux", has_aux, who)
+
+  def clean_loss(model, *args):
+    return _split_aux(loss_fn(model, *args), has_aux, who)
+
+  def train_step(model, optimizer, *args):
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError(f"{who}: optimizer must be an nnx.Optimizer, got"
+                      f" {type(optimizer).__name__}.")
+    wrt = optimizer.wrt
+    grad_fn = make_grad_fn(loss_fn, model, *args, wrt=wrt, has_aux=has_aux)
+    params = nnx.as_pure(nnx.state(model, wrt))
+    old_opt_state = nnx.as_pure(optimizer.opt_state)
+    value_and_grad = nnx.value_and_grad(
+        clean_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
+    (loss, aux), grads = value_and_grad(model, *args)
+    optimizer.update(model, grads, grad_fn=grad_fn)
+    norm = perturbation_norm(params, old_opt_state,
+                             nnx.as_pure(optimizer.opt_state))
+    return _metrics(loss, grad_fn.recorder.get(loss), norm, aux, who)
+
+  return train_step
+
+
+def eval_model(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.Module:
+  """A copy of ``model`` with the weights to evaluate (``samtx.unperturb``).
+
+  For MSAM the model holds perturbed weights; the copy holds the clean ones.
+  For every other optimizer the copy equals the model. ``model`` itself is not
+  changed, so training continues from the held weights.
+
+  Args:
+    model: the NNX model being trained.
+    optimizer: its ``nnx.Optimizer``.
+
+  Returns:
+    A new ``nnx.Module`` (remember ``.eval()`` for BatchNorm/Dropout).
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> from flax import nnx
+    >>> from samtx import flax as samtx_flax
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, samtx.msam(0.1, rho=0.05), wrt=nnx.Param)
+    >>> clean = samtx_flax.eval_model(model, optimizer)
+    >>> clean is model, bool((clean.kernel[...] == model.kernel[...]).all())
+    (False, True)
+
+  References:
+    Becker et al., 2024, https://arxiv.org/abs/2401.12033
+  """
+  who = "samtx.flax.eval_model"
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{who}: model must be an nnx.Module, got"
+                    f" {type(model).__name__}.")
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(f"{who}: optimizer must be an nnx.Optimizer, got"
+                    f" {type(optimizer).__name__}.")
+  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+  clean = unperturb(nnx.as_pure(params), nnx.as_pure(optimizer.opt_state))
+  return nnx.merge(graphdef, clean, nnx.as_pure(rest))

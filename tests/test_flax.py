@@ -1,0 +1,527 @@
+"""samtx.flax: linen and NNX training steps checked against hand-written steps.
+
+Pitfalls and the tests that prove them:
+* BatchNorm statistics from the clean pass only, perturbed pass in training
+  mode: ``test_linen_batchnorm_*``, ``test_nnx_batchnorm_and_dropout_*``.
+* Dropout: both passes use the same key: ``test_linen_dropout_*``,
+  ``test_nnx_batchnorm_and_dropout_*``.
+* MSAM evaluation weights: ``test_*_msam_eval_weights_*``.
+* Forward passes per step (2 for SAM, 1 for MSAM): ``test_*_forward_passes``.
+"""
+
+import collections
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import samtx
+from samtx import flax as samtx_flax
+
+TOL = {"rtol": 5e-5, "atol": 5e-6}
+N, D, C = 16, 5, 3
+RHO, LR = 0.3, 0.1
+
+
+def _data(seed=0):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return {"x": jax.random.normal(kx, (N, D)),
+          "y": jax.random.randint(ky, (N,), 0, C)}
+
+
+def _ce(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _numbers(x):
+  if jnp.issubdtype(jnp.asarray(x).dtype, jax.dtypes.prng_key):
+    return np.asarray(jax.random.key_data(x))
+  return np.asarray(x)
+
+
+def _close(a, b, **tol):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(
+      _numbers(u), _numbers(v), **(tol or TOL)), a, b)
+
+
+def _far(a, b, min_diff=1e-3):
+  diff = max(float(jnp.max(jnp.abs(u - v)))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert diff > min_diff, diff
+
+
+def _sam_direction(grads, rho=RHO):
+  norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
+  return jax.tree.map(lambda g: rho * g / (norm + 1e-12), grads), norm
+
+
+def _add(a, b, scale=1.0):
+  return jax.tree.map(lambda u, v: u + scale * v, a, b)
+
+
+ALIASES = {
+    "sam_nesterov": lambda: samtx.sam(LR, rho=RHO, momentum=0.9, nesterov=True),
+    "asam": lambda: samtx.sam(LR, rho=0.5, adaptive=True, eta=0.01),
+    "adasam_delayed": lambda: samtx.adasam(0.02, rho=RHO, delayed=True),
+    "amsgrad": lambda: samtx.amsgrad(0.02),
+    "lightsam_I": lambda: samtx.lightsam(LR, rho=RHO),
+    "lightsam_II": lambda: samtx.lightsam(LR, rho=RHO, variant="adagrad"),
+    "lightsam_III": lambda: samtx.lightsam(0.02, rho=RHO, variant="adam"),
+    "msam": lambda: samtx.msam(LR, rho=RHO),
+    "sgd": lambda: optax.sgd(LR),
+}
+TWO_PASS = {"sam_nesterov", "asam", "adasam_delayed", "lightsam_I",
+            "lightsam_II", "lightsam_III"}
+
+
+# ----------------------------------------------------------------------------
+# linen
+# ----------------------------------------------------------------------------
+
+
+class LinenNet(nn.Module):
+  batch_norm: bool = False
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(8)(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
+    x = jnp.tanh(x)
+    if self.dropout:
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(C)(x)
+
+
+def _linen_loss(params, batch, apply):
+  return _ce(apply(batch["x"], train=True), batch["y"])
+
+
+def _linen_state(model, tx, cls=samtx_flax.TrainState):
+  variables = model.init(jax.random.key(1), _data()["x"], train=False)
+  extra = ({"batch_stats": variables["batch_stats"]}
+           if "batch_stats" in variables else {})
+  return cls.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                    **extra)
+
+
+def _hand_linen_forward(model, params, batch_stats, batch, key, train=True):
+  """(loss, new_batch_stats) of one linen forward pass written out by hand."""
+  variables = {"params": params}
+  rngs = None if key is None else {"dropout": key}
+  if batch_stats is not None:
+    variables["batch_stats"] = batch_stats
+    logits, new = model.apply(variables, batch["x"], train=train, rngs=rngs,
+                              mutable=["batch_stats"])
+    return _ce(logits, batch["y"]), new["batch_stats"]
+  logits = model.apply(variables, batch["x"], train=train, rngs=rngs)
+  return _ce(logits, batch["y"]), None
+
+
+def _hand_linen_sam_step(model, params, batch_stats, batch, key, *,
+                         perturbed_key=None, stats_from="clean",
+                         perturbed_train=True):
+  """Plain SAM + SGD on a linen model; knobs select the *wrong* variants."""
+  fwd = lambda p, k, train=True: _hand_linen_forward(
+      model, p, batch_stats, batch, k, train)
+  (loss, clean_stats), grads = jax.value_and_grad(fwd, has_aux=True)(params, key)
+  e, gnorm = _sam_direction(grads)
+  pkey = key if perturbed_key is None else perturbed_key
+  (ploss, pert_stats), pgrads = jax.value_and_grad(fwd, has_aux=True)(
+      _add(params, e), pkey, perturbed_train)
+  new_params = _add(params, pgrads, -LR)
+  stats = clean_stats if stats_from == "clean" else pert_stats
+  return new_params, stats, {"loss": loss, "perturbed_loss": ploss,
+                             "perturbation_norm": RHO * gnorm / (gnorm + 1e-12)}
+
+
+def test_linen_batchnorm_stats_from_clean_pass_and_perturbed_pass_in_train_mode():
+  model = LinenNet(batch_norm=True)
+  state = _linen_state(model, samtx.sam(LR, rho=RHO))
+  step = jax.jit(samtx_flax.make_train_step(_linen_loss))
+  params, stats = state.params, state.batch_stats
+  for t in range(3):
+    batch = _data(t)
+    want_params, want_stats, want_metrics = _hand_linen_sam_step(
+        model, params, stats, batch, None)
+    state, metrics = step(state, batch)
+    _close(state.params, want_params)
+    _close(state.batch_stats, want_stats)
+    _close(metrics, want_metrics)
+    # The wrong variants are measurably different, so the checks above bite.
+    _, wrong_stats, _ = _hand_linen_sam_step(
+        model, params, stats, batch, None, stats_from="perturbed")
+    _far(state.batch_stats, wrong_stats, 1e-4)
+    wrong_params, _, _ = _hand_linen_sam_step(
+        model, params, stats, batch, None, perturbed_train=False)
+    _far(state.params, wrong_params)
+    params, stats = want_params, want_stats
+  assert int(state.step) == 3
+
+
+def test_linen_dropout_uses_the_same_key_in_both_passes():
+  model = LinenNet(dropout=0.5)
+  state = _linen_state(model, samtx.sam(LR, rho=RHO))
+  step = jax.jit(samtx_flax.make_train_step(_linen_loss))
+  root = jax.random.key(42)
+  params = state.params
+  for t in range(3):
+    batch, key = _data(t), jax.random.fold_in(root, t)
+    want_params, _, want_metrics = _hand_linen_sam_step(
+        model, params, None, batch, key)
+    state, metrics = step(state, batch, key)
+    _close(state.params, want_params)
+    _close(metrics, want_metrics)
+    wrong_params, _, _ = _hand_linen_sam_step(
+        model, params, None, batch, key,
+        perturbed_key=jax.random.fold_in(key, 1))
+    _far(state.params, wrong_params)
+    params = want_params
+
+
+def test_linen_dict_of_rngs_and_aux_metrics():
+  model = LinenNet(dropout=0.5)
+  state = _linen_state(model, samtx.sam(LR, rho=RHO))
+
+  def loss_fn(params, batch, apply):
+    logits = apply(batch["x"], train=True)
+    return _ce(logits, batch["y"]), {"accuracy": jnp.mean(
+        jnp.argmax(logits, -1) == batch["y"])}
+
+  step = jax.jit(samtx_flax.make_train_step(loss_fn, has_aux=True))
+  batch, key = _data(), jax.random.key(3)
+  new_state, metrics = step(state, batch, {"dropout": key})
+  logits = model.apply({"params": state.params}, batch["x"], train=True,
+                       rngs={"dropout": key})
+  np.testing.assert_allclose(
+      metrics["accuracy"], np.mean(np.argmax(logits, -1) == batch["y"]))
+  want_params, _, _ = _hand_linen_sam_step(model, state.params, None, batch, key)
+  _close(new_state.params, want_params)
+
+
+def _linen_reference_run(model, tx, params, steps):
+  """The core optimizer on the plain params tree, grad_fn from model.apply."""
+
+  @jax.jit
+  def ref_step(params, opt_state, batch):
+    loss = lambda p: _ce(model.apply({"params": p}, batch["x"], train=True),
+                         batch["y"])
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   grad_fn=jax.grad(loss))
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  out = []
+  for t in range(steps):
+    params, opt_state = ref_step(params, opt_state, _data(t))
+    out.append((params, opt_state))
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_linen_every_alias_under_jit(name):
+  model = LinenNet()
+  tx = ALIASES[name]()
+  state = _linen_state(model, tx, cls=train_state.TrainState)  # stock state
+  want = _linen_reference_run(model, tx, state.params, 3)
+  step = jax.jit(samtx_flax.make_train_step(_linen_loss))
+  for t, (want_params, want_opt_state) in enumerate(want):
+    state, metrics = step(state, _data(t))
+    _close(state.params, want_params)
+    _close(state.opt_state, want_opt_state)
+    assert np.isfinite(metrics["perturbed_loss"])
+    if name not in TWO_PASS:  # one pass: the held point is the descent point
+      np.testing.assert_array_equal(metrics["perturbed_loss"], metrics["loss"])
+  assert type(state) is train_state.TrainState and int(state.step) == 3
+
+
+def test_linen_train_state_method_and_stock_state_forward_grad_fn():
+  model = LinenNet()
+  state = _linen_state(model, samtx.sam(LR, rho=RHO))
+  stock = _linen_state(model, samtx.sam(LR, rho=RHO), train_state.TrainState)
+  batch = _data()
+  fwd = lambda p: _hand_linen_forward(model, p, None, batch, None)[0]
+  want_params, _, _ = _hand_linen_sam_step(model, state.params, None, batch,
+                                           None)
+  new = jax.jit(lambda s: s.apply_gradients(
+      grads=jax.grad(fwd)(s.params), grad_fn=jax.grad(fwd)))(state)
+  _close(new.params, want_params)
+  new_stock = jax.jit(lambda s: samtx_flax.apply_gradients(
+      s, grads=jax.grad(fwd)(s.params), grad_fn=jax.grad(fwd)))(stock)
+  _close(new_stock.params, want_params)
+  assert type(new_stock) is train_state.TrainState and int(new_stock.step) == 1
+  with pytest.raises(TypeError, match="grad_fn"):
+    state.apply_gradients(grads=jax.grad(fwd)(state.params))
+
+
+def test_linen_overwrite_with_gradient_collection_bypasses_tx():
+  owg = "_overwrite_with_gradient"
+  params = {"params": {"w": jnp.array([3.0, 4.0])}, owg: {"s": jnp.ones(2)}}
+  state = train_state.TrainState.create(apply_fn=None, params=params,
+                                        tx=samtx.sam(LR, rho=RHO))
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+  grads = {"params": jax.grad(loss)(params["params"]), owg: {"s": jnp.full(2, 7.0)}}
+  new = samtx_flax.apply_gradients(state, grads=grads, grad_fn=jax.grad(loss))
+  w = params["params"]["w"]
+  e, _ = _sam_direction(2 * w)
+  np.testing.assert_allclose(new.params["params"]["w"], w - LR * 2 * (w + e),
+                             **TOL)
+  np.testing.assert_array_equal(new.params[owg]["s"], jnp.full(2, 7.0))
+
+
+def test_linen_msam_eval_weights_follow_hand_written_recurrence():
+  model = LinenNet()
+  mu = 0.9
+  state = _linen_state(model, samtx.msam(LR, rho=RHO, momentum=mu))
+  step = jax.jit(samtx_flax.make_train_step(_linen_loss))
+  held = clean = state.params
+  velocity = jax.tree.map(jnp.zeros_like, held)
+  for t in range(4):
+    batch = _data(t)
+    grads = jax.grad(lambda p: _hand_linen_forward(
+        model, p, None, batch, None)[0])(held)
+    v_norm = jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(velocity)))
+    state, metrics = step(state, batch)
+    np.testing.assert_allclose(metrics["perturbation_norm"],
+                               RHO * v_norm / (v_norm + 1e-12), **TOL)
+    velocity = jax.tree.map(lambda v, g: mu * v + g, velocity, grads)
+    clean = _add(clean, velocity, -LR)
+    v_norm = jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(velocity)))
+    held = jax.tree.map(lambda x, v: x - RHO * v / (v_norm + 1e-12), clean,
+                        velocity)
+    _close(state.params, held)
+    _close(samtx_flax.eval_params(state), clean)
+    _close(samtx_flax.eval_variables(state), {"params": clean})
+  _far(state.params, samtx_flax.eval_params(state))
+
+
+@pytest.mark.parametrize("name", ["sam_nesterov", "msam", "sgd"])
+def test_linen_forward_passes(name):
+  model = LinenNet(batch_norm=True)
+  calls = collections.Counter()
+
+  def counting_apply(*args, **kwargs):
+    calls["forward"] += 1  # runs at trace time only
+    return model.apply(*args, **kwargs)
+
+  state = _linen_state(model, ALIASES[name]()).replace(apply_fn=counting_apply)
+  step = jax.jit(samtx_flax.make_train_step(_linen_loss))
+  for t in range(2):
+    state, _ = step(state, _data(t))
+  assert calls["forward"] == (2 if name in TWO_PASS else 1)
+
+
+def test_linen_bad_arguments_name_the_argument():
+  with pytest.raises(TypeError, match="loss_fn"):
+    samtx_flax.make_train_step(3)
+  with pytest.raises(TypeError, match="has_aux"):
+    samtx_flax.make_train_step(_linen_loss, has_aux="yes")
+  state = _linen_state(LinenNet(), samtx.sam(LR, rho=RHO))
+  step = samtx_flax.make_train_step(_linen_loss)
+  with pytest.raises(TypeError, match="rngs"):
+    step(state, _data(), 7)
+  vector_loss = lambda p, b, apply: jnp.ones(3)
+  with pytest.raises(ValueError, match="scalar"):
+    samtx_flax.make_train_step(vector_loss)(state, _data())
+  with pytest.raises(TypeError, match="has_aux=True"):
+    samtx_flax.make_train_step(lambda p, b, a: (1.0, {}))(state, _data())
+  clash = lambda p, b, apply: (_linen_loss(p, b, apply), {"loss": 0.0})
+  with pytest.raises(ValueError, match="clash"):
+    samtx_flax.make_train_step(clash, has_aux=True)(state, _data())
+  with pytest.raises(TypeError, match="grad_fn"):
+    samtx_flax.apply_gradients(state, grads=state.params, grad_fn=3)
+
+
+def test_grad_fn_under_nested_transform_warns_and_still_updates():
+  model = LinenNet()
+  tx = optax.MultiSteps(samtx.sam(LR, rho=RHO), every_k_schedule=1)
+  state = _linen_state(model, tx)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    state, metrics = jax.jit(samtx_flax.make_train_step(_linen_loss))(
+        state, _data())
+  assert any("nested JAX transform" in str(w.message) for w in caught)
+  assert np.isnan(metrics["perturbed_loss"]) and np.isfinite(metrics["loss"])
+  want = _linen_reference_run(model, tx, _linen_state(model, tx).params, 1)
+  _close(state.params, want[0][0])
+
+
+# ----------------------------------------------------------------------------
+# NNX
+# ----------------------------------------------------------------------------
+
+NNX_CALLS = collections.Counter()
+
+
+class NNXNet(nnx.Module):
+
+  def __init__(self, rngs, batch_norm=False, dropout=0.0):
+    self.l1 = nnx.Linear(D, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, momentum=0.8, rngs=rngs) if batch_norm else None
+    self.drop = nnx.Dropout(dropout, rngs=rngs) if dropout else None
+    self.l2 = nnx.Linear(8, C, rngs=rngs)
+
+  def __call__(self, x):
+    NNX_CALLS["forward"] += 1  # trace-time count under nnx.jit
+    x = self.l1(x)
+    if self.bn is not None:
+      x = self.bn(x)
+    x = jnp.tanh(x)
+    if self.drop is not None:
+      x = self.drop(x)
+    return self.l2(x)
+
+
+def _nnx_loss(model, batch):
+  return _ce(model(batch["x"]), batch["y"])
+
+
+def _pure_mlp(p, x):
+  h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+  return h @ p["l2"]["kernel"] + p["l2"]["bias"]
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_nnx_every_alias_under_nnx_jit(name):
+  model = NNXNet(nnx.Rngs(0))
+  tx = ALIASES[name]()
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  # Reference: the core optimizer on the pure param tree of a pure function.
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  opt_state = tx.init(params)
+  step = nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))
+  for t in range(3):
+    batch = _data(t)
+    loss = lambda p: _ce(_pure_mlp(p, batch["x"]), batch["y"])
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   grad_fn=jax.grad(loss))
+    params = optax.apply_updates(params, updates)
+    metrics = step(model, optimizer, batch)
+    _close(nnx.as_pure(nnx.state(model, nnx.Param)), params)
+    assert np.isfinite(metrics["perturbed_loss"])
+  clean = samtx_flax.eval_model(model, optimizer)
+  _close(nnx.as_pure(nnx.state(clean, nnx.Param)),
+         samtx.unperturb(params, opt_state))
+  assert int(optimizer.step[...]) == 3
+
+
+def test_nnx_manual_update_with_make_grad_fn_under_nnx_jit():
+  model = NNXNet(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, samtx.sam(LR, rho=RHO), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    grad_fn = samtx_flax.make_grad_fn(_nnx_loss, model, batch)
+    grads = nnx.grad(_nnx_loss)(model, batch)
+    optimizer.update(model, grads, grad_fn=grad_fn)
+
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  batch = _data()
+  loss = lambda p: _ce(_pure_mlp(p, batch["x"]), batch["y"])
+  e, _ = _sam_direction(jax.grad(loss)(params))
+  want = _add(params, jax.grad(loss)(_add(params, e)), -LR)
+  step(model, optimizer, batch)
+  _close(nnx.as_pure(nnx.state(model, nnx.Param)), want)
+
+
+@nnx.jit(static_argnames=("perturbed_rng", "stats_from"))
+def _hand_nnx_sam_step(model, batch, *, perturbed_rng="same",
+                       stats_from="clean"):
+  """SAM + SGD on an NNX model by hand: clone, perturb, differentiate."""
+  snapshot = nnx.clone(model)  # BatchStat and RNG counters before the step
+  loss, grads = nnx.value_and_grad(_nnx_loss)(model, batch)  # clean pass
+  grads = nnx.as_pure(grads)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  e, gnorm = _sam_direction(grads)
+  perturbed = nnx.clone(snapshot)
+  if perturbed_rng == "advanced":  # the wrong variant: rng moved on
+    perturbed.drop.rngs.count[...] = model.drop.rngs.count[...]
+  nnx.update(perturbed, _add(params, e))
+  ploss, pgrads = nnx.value_and_grad(_nnx_loss)(perturbed, batch)
+  if stats_from == "perturbed":  # the wrong variant
+    nnx.update(model, nnx.state(perturbed, nnx.BatchStat))
+  nnx.update(model, _add(params, nnx.as_pure(pgrads), -LR))
+  return {"loss": loss, "perturbed_loss": ploss,
+          "perturbation_norm": RHO * gnorm / (gnorm + 1e-12)}
+
+
+def test_nnx_batchnorm_and_dropout_match_hand_written_step():
+  make = lambda: NNXNet(nnx.Rngs(0, dropout=5), batch_norm=True, dropout=0.5)
+  model, ref, wrong_stats, wrong_rng = make(), make(), make(), make()
+  optimizer = nnx.Optimizer(model, samtx.sam(LR, rho=RHO), wrt=nnx.Param)
+  step = nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))
+  for t in range(3):
+    batch = _data(t)
+    metrics = step(model, optimizer, batch)
+    want_metrics = _hand_nnx_sam_step(ref, batch)
+    _hand_nnx_sam_step(wrong_stats, batch, stats_from="perturbed")
+    _hand_nnx_sam_step(wrong_rng, batch, perturbed_rng="advanced")
+    # Whole model state: params, BatchStat and the dropout RNG counter.
+    _close(nnx.as_pure(nnx.state(model)), nnx.as_pure(nnx.state(ref)))
+    _close(metrics, want_metrics)
+  _far(nnx.state(model, nnx.BatchStat), nnx.state(wrong_stats, nnx.BatchStat),
+       1e-4)
+  _far(nnx.state(model, nnx.Param), nnx.state(wrong_rng, nnx.Param))
+  assert int(model.drop.rngs.count[...]) == 3  # one draw per step
+
+
+def test_nnx_msam_eval_weights_and_one_pass_metrics():
+  model = NNXNet(nnx.Rngs(0))
+  mu = 0.9
+  optimizer = nnx.Optimizer(model, samtx.msam(LR, rho=RHO, momentum=mu),
+                            wrt=nnx.Param)
+  step = nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))
+  held = clean = nnx.as_pure(nnx.state(model, nnx.Param))
+  velocity = jax.tree.map(jnp.zeros_like, held)
+  for t in range(4):
+    batch = _data(t)
+    loss = lambda p: _ce(_pure_mlp(p, batch["x"]), batch["y"])
+    held_loss, grads = jax.value_and_grad(loss)(held)
+    metrics = step(model, optimizer, batch)
+    np.testing.assert_allclose(metrics["loss"], held_loss, **TOL)
+    np.testing.assert_array_equal(metrics["perturbed_loss"], metrics["loss"])
+    np.testing.assert_allclose(metrics["perturbation_norm"],
+                               RHO if t else 0.0, **TOL)
+    velocity = jax.tree.map(lambda v, g: mu * v + g, velocity, grads)
+    clean = _add(clean, velocity, -LR)
+    v_norm = jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(velocity)))
+    held = jax.tree.map(lambda x, v: x - RHO * v / (v_norm + 1e-12), clean,
+                        velocity)
+    _close(nnx.as_pure(nnx.state(model, nnx.Param)), held)
+    evaluated = samtx_flax.eval_model(model, optimizer)
+    _close(nnx.as_pure(nnx.state(evaluated, nnx.Param)), clean)
+  _far(nnx.state(model, nnx.Param), nnx.state(evaluated, nnx.Param))
+
+
+@pytest.mark.parametrize("name", ["lightsam_III", "msam", "sgd"])
+def test_nnx_forward_passes(name):
+  model = NNXNet(nnx.Rngs(0, dropout=1), batch_norm=True, dropout=0.2)
+  optimizer = nnx.Optimizer(model, ALIASES[name](), wrt=nnx.Param)
+  step = nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))
+  NNX_CALLS.clear()
+  for t in range(2):
+    step(model, optimizer, _data(t))
+  assert NNX_CALLS["forward"] == (2 if name in TWO_PASS else 1)
+
+
+def test_nnx_bad_arguments_name_the_argument():
+  model = NNXNet(nnx.Rngs(0))
+  with pytest.raises(TypeError, match="loss_fn"):
+    samtx_flax.make_nnx_train_step("loss")
+  with pytest.raises(TypeError, match="has_aux"):
+    samtx_flax.make_grad_fn(_nnx_loss, model, _data(), has_aux=1)
+  with pytest.raises(TypeError, match="model"):
+    samtx_flax.make_grad_fn(_nnx_loss, {"w": 1.0}, _data())
+  with pytest.raises(TypeError, match="optimizer"):
+    samtx_flax.make_nnx_train_step(_nnx_loss)(model, optax.sgd(0.1), _data())
+  with pytest.raises(TypeError, match="optimizer"):
+    samtx_flax.eval_model(model, optax.sgd(0.1))
