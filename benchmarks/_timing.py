@@ -228,6 +228,45 @@ def paired_ratio(numer: Sequence[float], denom: Sequence[float]) -> dict:
   return {"ratio": float(q50), "q25": float(q25), "q75": float(q75)}
 
 
+def profile_ops(stepper: Stepper, steps: int = 3, top: int = 8) -> dict:
+  """Device time per step of each kind of XLA op, from a ``jax.profiler`` trace.
+
+  Op names such as ``multiply_add_fusion.12`` are grouped by kind
+  (``multiply_add_fusion``); ``copy`` ops and ``ynn_fusion`` (reductions on
+  XLA:CPU) show where a step copies a donated buffer or reduces a tree. Times
+  are summed over threads, so compare kinds, not totals with wall time.
+  """
+  import collections
+  import glob
+  import gzip
+  import re
+  import tempfile
+
+  stepper.run(1)
+  with tempfile.TemporaryDirectory() as logdir:
+    jax.profiler.start_trace(logdir)
+    try:
+      stepper.run(steps)
+    finally:
+      jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"),
+                      recursive=True)
+    if not files:
+      return {}
+    with gzip.open(files[0]) as f:
+      events = json.load(f)["traceEvents"]
+  totals = collections.defaultdict(float)
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or name.startswith(("$", "end:")) or "::" in name:
+      continue
+    if not re.match(r"^[a-z_\-]+(\.\d+)?$", name):
+      continue
+    totals[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e3 / steps
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+  return {k: round(v, 3) for k, v in ranked}
+
+
 # ----------------------------------------------------------------------------
 # provenance and output
 # ----------------------------------------------------------------------------

@@ -220,11 +220,15 @@ def build(name, opt, params0, grads, contrib_opaque=False):
   return _timing.Stepper(compiled.fn, params, state, (grads,)), record
 
 
-def time_group(entries: dict, params, grads, repeats, min_block_s, log):
+def time_group(entries: dict, params, grads, repeats, min_block_s, log,
+               profile=False):
   """Builds and times ``{name: (opt, contrib_opaque)}`` side by side."""
   steppers, records = {}, {}
   for name, (opt, opaque) in entries.items():
     steppers[name], records[name] = build(name, opt, params, grads, opaque)
+  if profile:
+    for name, stepper in steppers.items():
+      records[name]["profile_ms_per_step"] = _timing.profile_ops(stepper)
   first = next(iter(steppers.values()))
   inner = _timing.calibrate_inner(first, min_block_s)
   times = _timing.interleaved_times(steppers, repeats=repeats, inner=inner)
@@ -301,6 +305,19 @@ def markdown(payload) -> str:
   out.append(_timing.md_table(
       ["optimizer", "base", "update ms", "base ms", "extra ms", "ratio", "IQR",
        "XLA bytes ratio", "peak", "base peak", "temp"], rows))
+  profiled = [(r["label"], r["record"]["profile_ms_per_step"])
+              for r in payload["family"]
+              if r["record"].get("profile_ms_per_step")]
+  if profiled:
+    out.append("\n### Profile: device ms per step by XLA op kind"
+               " (`--profile`, summed over threads)\n\n")
+    rows = [[label, ", ".join(f"{k} {v:.1f}" for k, v in prof.items())]
+            for label, prof in profiled]
+    for name, rec in payload["family_bases"].items():
+      if rec.get("profile_ms_per_step"):
+        rows.append([name, ", ".join(
+            f"{k} {v:.1f}" for k, v in rec["profile_ms_per_step"].items())])
+    out.append(_timing.md_table(["optimizer", "op kind: ms"], rows))
   out.append("\n## Optimizer state bytes vs base\n\n")
   rows = []
   for r in payload["state"]:
@@ -320,6 +337,9 @@ def main(argv=None) -> dict:
                       help="a ~1e6-parameter tree, fewer repeats")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--profile", action="store_true",
+                      help="also profile every SAM-family update with"
+                      " jax.profiler and record device time per op kind")
   args = parser.parse_args(argv)
   repeats = args.repeats or (9 if args.quick else 21)
   min_block_s = 0.02 if args.quick else 0.05
@@ -360,7 +380,8 @@ def main(argv=None) -> dict:
   for label, opt, base_name, base in family_pairs():
     entries[label] = (opt, label.startswith("optax.contrib"))
     entries.setdefault(base_name, (base, False))
-  times, records = time_group(entries, params, grads, repeats, min_block_s, log)
+  times, records = time_group(entries, params, grads, repeats, min_block_s, log,
+                              profile=args.profile)
   family_out = []
   for label, _, base_name, _ in family_pairs():
     r = _timing.paired_ratio(times[label], times[base_name])
