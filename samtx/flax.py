@@ -229,13 +229,15 @@ def apply_gradients(state, *, grads, grad_fn=None, **kwargs):
   if grad_fn is not None:
     _check_callable("grad_fn", grad_fn, "samtx.flax.apply_gradients")
   extra = {} if grad_fn is None else {"grad_fn": grad_fn}
+  # A plain GradientTransformation takes no extra args: it has no use for
+  # grad_fn, exactly as optax.chain drops extra args for such members.
+  tx = optax.with_extra_args_support(state.tx)
   # Same fp8 convention as flax: OVERWRITE_WITH_GRADIENT leaves bypass tx and
   # grad_fn then sees (and must return) the 'params' sub-collection.
   overwrite = isinstance(grads, Mapping) and OVERWRITE_WITH_GRADIENT in grads
   params = state.params["params"] if overwrite else state.params
   tx_grads = grads["params"] if overwrite else grads
-  updates, opt_state = state.tx.update(tx_grads, state.opt_state, params,
-                                       **extra)
+  updates, opt_state = tx.update(tx_grads, state.opt_state, params, **extra)
   new_params = optax.apply_updates(params, updates)
   if overwrite:
     new_params = {"params": new_params,
@@ -577,7 +579,10 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
     value_and_grad = nnx.value_and_grad(
         clean_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
     (loss, aux), grads = value_and_grad(model, *args)
-    optimizer.update(model, grads, grad_fn=grad_fn)
+    if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
+      optimizer.update(model, grads, grad_fn=grad_fn)
+    else:  # a plain transformation has no use for grad_fn (and rejects it)
+      optimizer.update(model, grads)
     norm = perturbation_norm(params, old_opt_state,
                              nnx.as_pure(optimizer.opt_state))
     return _metrics(loss, grad_fn.recorder.get(loss), norm, aux, who)

@@ -533,3 +533,24 @@ def test_nnx_bad_arguments_name_the_argument():
     samtx_flax.make_nnx_train_step(_nnx_loss)(model, optax.sgd(0.1), _data())
   with pytest.raises(TypeError, match="optimizer"):
     samtx_flax.eval_model(model, optax.sgd(0.1))
+
+
+def test_plain_gradient_transformation_gets_no_grad_fn():
+  """A tx without extra-args support (it would reject grad_fn) still trains."""
+  sgd = optax.sgd(LR)
+  plain = optax.GradientTransformation(sgd.init, sgd.update)
+  batch = _data()
+  model = LinenNet()
+  state = _linen_state(model, plain)
+  fwd = lambda p: _hand_linen_forward(model, p, None, batch, None)[0]
+  want = _add(state.params, jax.grad(fwd)(state.params), -LR)
+  state, metrics = jax.jit(samtx_flax.make_train_step(_linen_loss))(state, batch)
+  _close(state.params, want)
+  assert float(metrics["perturbation_norm"]) == 0.0
+  net = NNXNet(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(net, plain, wrt=nnx.Param)
+  params = nnx.as_pure(nnx.state(net, nnx.Param))
+  loss = lambda p: _ce(_pure_mlp(p, batch["x"]), batch["y"])
+  nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))(net, optimizer, batch)
+  _close(nnx.as_pure(nnx.state(net, nnx.Param)),
+         _add(params, jax.grad(loss)(params), -LR))
