@@ -214,7 +214,7 @@ def summary(seconds: Sequence[float]) -> dict:
   ms = np.asarray(seconds) * 1e3
   q25, q50, q75 = np.percentile(ms, [25, 50, 75])
   return {"median_ms": float(q50), "q25_ms": float(q25), "q75_ms": float(q75),
-          "repeats": int(ms.size)}
+          "min_ms": float(ms.min()), "repeats": int(ms.size)}
 
 
 def paired_ratio(numer: Sequence[float], denom: Sequence[float]) -> dict:
@@ -222,10 +222,14 @@ def paired_ratio(numer: Sequence[float], denom: Sequence[float]) -> dict:
 
   Each repeat measured both within a few hundred milliseconds of each other,
   so pairing cancels most of the load drift of a shared machine.
+  ``min_ratio`` is ``min(numer) / min(denom)``: other processes only ever add
+  time, so on a heavily shared machine the fastest repeat of each is the
+  closest to its intrinsic cost.
   """
   r = np.asarray(numer) / np.asarray(denom)
   q25, q50, q75 = np.percentile(r, [25, 50, 75])
-  return {"ratio": float(q50), "q25": float(q25), "q75": float(q75)}
+  return {"ratio": float(q50), "q25": float(q25), "q75": float(q75),
+          "min_ratio": float(np.min(numer) / np.min(denom))}
 
 
 def profile_ops(stepper: Stepper, steps: int = 3, top: int = 8) -> dict:
