@@ -502,6 +502,10 @@ def render(path: str) -> dict:
     times = {name: row["times_s"] for name, row in rows.items()}
     for name, row in rows.items():
       row["time"] = _timing.summary(times[name])
+      m = row["memory"]
+      m.setdefault("live_bytes_bound", m["argument_size_in_bytes"]
+                   + m["output_size_in_bytes"] - m["alias_size_in_bytes"]
+                   + m["temp_size_in_bytes"])
     result["ratios"] = compute_ratios(rows, times)
   _timing.write_json(path, payload)
   _timing.write_text(os.path.splitext(path)[0] + ".md", markdown(payload))
