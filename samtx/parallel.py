@@ -364,15 +364,13 @@ def _mapped_body(loss_fn, optimizer, axis_name, m_sharpness, vary, who):
 
   def body(params, opt_state, batch):
     two_pass = bool(_perturbation_states(opt_state))
-    local = lambda p: loss_fn(vary(p), batch)
+    local_loss = lambda p: loss_fn(p, batch)
 
     def grad_fn(p):
       # Differentiate w.r.t. a device-varying copy: the local gradient.
-      return jax.grad(lambda q: loss_fn(q, batch))(vary(p))
+      return jax.grad(local_loss)(vary(p))
 
-    loss, grads = jax.value_and_grad(lambda q: loss_fn(q, batch))(
-        vary(params))
-    del local
+    loss, grads = jax.value_and_grad(local_loss)(vary(params))
     if not (two_pass and m_sharpness):
       grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = optimizer.update(
