@@ -454,6 +454,26 @@ def time_memory_table(result: dict) -> str:
       rows)
 
 
+def summary_table(payload: dict) -> str:
+  """One row per ratio, one column per model: median [min/min]."""
+  results = payload["results"]
+  header = ["ratio", "target"] + [
+      f"{r['model']} ({r['n_params']:.1e})" for r in results]
+  rows = []
+  for label, _, _, target, source in RATIOS:
+    row = [label, f"<= {target:.2f} ({source})"]
+    for result in results:
+      match = [r for r in result["ratios"] if r["label"] == label]
+      if not match:
+        row.append("-")
+        continue
+      r = match[0]
+      mark = "" if r["met"] else " (miss)"
+      row.append(f"{r['ratio']:.2f} [{r['min_ratio']:.2f}]{mark}")
+    rows.append(row)
+  return _timing.md_table(header, rows)
+
+
 def markdown(payload: dict) -> str:
   m = payload["machine"]
   out = [f"# samtx step time ({'quick' if payload['quick'] else 'full'} run)\n",
@@ -472,7 +492,9 @@ def markdown(payload: dict) -> str:
          " the ratio of the fastest repeats (other processes only add time)."
          " Peak bytes ="
          " argument + output - aliased + temp bytes of"
-         " `compiled.memory_analysis()` (all fields are in the JSON).\n"]
+         " `compiled.memory_analysis()` (all fields are in the JSON).\n",
+         "\n## Summary: median ratio [ratio of fastest repeats]\n\n",
+         summary_table(payload)]
   for result in payload["results"]:
     out.append(f"\n## {result['model']}: {result['description']},"
                f" {result['n_params']:,} parameters\n\n")
