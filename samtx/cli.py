@@ -120,7 +120,20 @@ def hidden_sizes(name: str) -> tuple:
 
 
 def init_mlp(key, sizes: Sequence[int]):
-  """He-initialised MLP parameters ``[{"w", "b"}, ...]`` for ``sizes``."""
+  """He-initialised MLP parameters ``[{"w", "b"}, ...]`` for ``sizes``.
+
+  Args:
+    key: PRNG key.
+    sizes: layer widths, input first, classes last.
+
+  Returns:
+    A list of ``{"w": (m, n), "b": (n,)}`` dicts.
+
+  Example:
+    >>> params = init_mlp(jax.random.key(0), (40, 100, 100, 10))
+    >>> apply_mlp(params, jnp.ones((3, 40))).shape
+    (3, 10)
+  """
   keys = jax.random.split(key, len(sizes) - 1)
   return [{"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m),
            "b": jnp.zeros(n)}
@@ -392,7 +405,26 @@ def step_costs(jobs: Dict[str, tuple], data: datasets.Dataset,
 
 def tuned_hparams(dataset: str, noise: float, name: str,
                   table: Optional[dict] = None) -> tuple:
-  """``(lr, rho)`` for an optimizer from ``table`` (default ``TUNED``)."""
+  """``(lr, rho)`` for an optimizer from ``table`` (default ``TUNED``).
+
+  Args:
+    dataset: dataset name.
+    noise: label-noise rate; the nearest tuned level is used.
+    name: optimizer key of :data:`SPECS`.
+    table: ``dataset -> noise -> name -> (lr, rho)``.
+
+  Returns:
+    ``(lr, rho)`` as floats.
+
+  Raises:
+    KeyError: nothing tuned for this dataset or optimizer.
+
+  Example:
+    >>> table = {"digits": {0.0: {"sam": (0.1, 0.05)},
+    ...                     0.25: {"sam": (0.3, 0.1)}}}
+    >>> tuned_hparams("digits", 0.3, "sam", table)
+    (0.3, 0.1)
+  """
   table = TUNED if table is None else table
   by_noise = table.get(dataset) or table.get(str(dataset))
   if not by_noise:
@@ -903,7 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
   cmp.add_argument("--seeds", type=_positive_int, default=3,
                    help="number of seeds (0..N-1) per optimizer and noise "
                         "level; a seed sets init, batch order and label noise")
-  cmp.add_argument("--epochs", type=_positive_int, default=40,
+  cmp.add_argument("--epochs", type=_positive_int, default=30,
                    help="training epochs per run")
   cmp.add_argument("--batch-size", type=_positive_int, default=128,
                    help="minibatch size")
@@ -952,7 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric label-noise rate in [0, 1)")
   sen.add_argument("--seeds", type=_positive_int, default=2,
                    help="seeds per grid point")
-  sen.add_argument("--epochs", type=_positive_int, default=40,
+  sen.add_argument("--epochs", type=_positive_int, default=30,
                    help="training epochs per run")
   sen.add_argument("--batch-size", type=_positive_int, default=128,
                    help="minibatch size")
