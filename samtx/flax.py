@@ -23,6 +23,7 @@ import this module as ``samtx.flax`` or ``from samtx import flax as samtx_flax``
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -172,6 +173,23 @@ def perturbation_norm(params, old_opt_state, new_opt_state) -> jax.Array:
   return jnp.sqrt(sum(squares))
 
 
+def _takes_extra_args(tx) -> bool:
+  """Whether ``tx.update`` accepts ``grad_fn`` (extra keyword arguments).
+
+  True for ``optax.GradientTransformationExtraArgs`` and for objects such as
+  ``optax.MultiSteps`` whose ``update`` takes ``**kwargs``; False for a plain
+  ``optax.GradientTransformation(init, update)`` without them.
+  """
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    return True
+  try:
+    parameters = inspect.signature(tx.update).parameters.values()
+  except (TypeError, ValueError):  # pragma: no cover - builtins, C callables
+    return True
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "grad_fn"
+             for p in parameters)
+
+
 def _metrics(loss, perturbed_loss, norm, aux, who) -> Metrics:
   metrics = {"loss": loss, "perturbed_loss": perturbed_loss,
              "perturbation_norm": norm}
@@ -228,16 +246,17 @@ def apply_gradients(state, *, grads, grad_fn=None, **kwargs):
   """
   if grad_fn is not None:
     _check_callable("grad_fn", grad_fn, "samtx.flax.apply_gradients")
-  extra = {} if grad_fn is None else {"grad_fn": grad_fn}
-  # A plain GradientTransformation takes no extra args: it has no use for
-  # grad_fn, exactly as optax.chain drops extra args for such members.
-  tx = optax.with_extra_args_support(state.tx)
+  # A transformation whose update takes no extra args has no use for grad_fn
+  # (optax.chain drops extra args for such members in the same way).
+  extra = ({"grad_fn": grad_fn}
+           if grad_fn is not None and _takes_extra_args(state.tx) else {})
   # Same fp8 convention as flax: OVERWRITE_WITH_GRADIENT leaves bypass tx and
   # grad_fn then sees (and must return) the 'params' sub-collection.
   overwrite = isinstance(grads, Mapping) and OVERWRITE_WITH_GRADIENT in grads
   params = state.params["params"] if overwrite else state.params
   tx_grads = grads["params"] if overwrite else grads
-  updates, opt_state = tx.update(tx_grads, state.opt_state, params, **extra)
+  updates, opt_state = state.tx.update(tx_grads, state.opt_state, params,
+                                       **extra)
   new_params = optax.apply_updates(params, updates)
   if overwrite:
     new_params = {"params": new_params,
@@ -579,7 +598,7 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
     value_and_grad = nnx.value_and_grad(
         clean_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
     (loss, aux), grads = value_and_grad(model, *args)
-    if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
+    if _takes_extra_args(optimizer.tx):
       optimizer.update(model, grads, grad_fn=grad_fn)
     else:  # a plain transformation has no use for grad_fn (and rejects it)
       optimizer.update(model, grads)
