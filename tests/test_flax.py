@@ -128,11 +128,14 @@ def _hand_linen_forward(model, params, batch_stats, batch, key, train=True):
 
 
 @functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("stats_from", "perturbed_train"))
+                   static_argnames=("perturbed_train",))
 def _hand_linen_sam_step(model, params, batch_stats, batch, key, *,
-                         perturbed_key=None, stats_from="clean",
-                         perturbed_train=True):
-  """Plain SAM + SGD on a linen model; knobs select the *wrong* variants."""
+                         perturbed_key=None, perturbed_train=True):
+  """Plain SAM + SGD on a linen model; knobs select the *wrong* variants.
+
+  Returns new params, the clean pass's and the perturbed pass's BatchNorm
+  statistics, and the metrics.
+  """
   fwd = lambda p, k, train=True: _hand_linen_forward(
       model, p, batch_stats, batch, k, train)
   (loss, clean_stats), grads = jax.value_and_grad(fwd, has_aux=True)(params, key)
@@ -141,8 +144,7 @@ def _hand_linen_sam_step(model, params, batch_stats, batch, key, *,
   (ploss, pert_stats), pgrads = jax.value_and_grad(fwd, has_aux=True)(
       _add(params, e), pkey, perturbed_train)
   new_params = _add(params, pgrads, -LR)
-  stats = clean_stats if stats_from == "clean" else pert_stats
-  return new_params, stats, {"loss": loss, "perturbed_loss": ploss,
+  return new_params, clean_stats, pert_stats, {"loss": loss, "perturbed_loss": ploss,
                              "perturbation_norm": RHO * gnorm / (gnorm + 1e-12)}
 
 
@@ -153,17 +155,15 @@ def test_linen_batchnorm_stats_from_clean_pass_and_perturbed_pass_in_train_mode(
   params, stats = state.params, state.batch_stats
   for t in range(3):
     batch = _data(t)
-    want_params, want_stats, want_metrics = _hand_linen_sam_step(
+    want_params, want_stats, wrong_stats, want_metrics = _hand_linen_sam_step(
         model, params, stats, batch, None)
     state, metrics = step(state, batch)
     _close(state.params, want_params)
     _close(state.batch_stats, want_stats)
     _close(metrics, want_metrics)
     # The wrong variants are measurably different, so the checks above bite.
-    _, wrong_stats, _ = _hand_linen_sam_step(
-        model, params, stats, batch, None, stats_from="perturbed")
     _far(state.batch_stats, wrong_stats, 1e-4)
-    wrong_params, _, _ = _hand_linen_sam_step(
+    wrong_params, *_ = _hand_linen_sam_step(
         model, params, stats, batch, None, perturbed_train=False)
     _far(state.params, wrong_params)
     params, stats = want_params, want_stats
@@ -178,12 +178,12 @@ def test_linen_dropout_uses_the_same_key_in_both_passes():
   params = state.params
   for t in range(3):
     batch, key = _data(t), jax.random.fold_in(root, t)
-    want_params, _, want_metrics = _hand_linen_sam_step(
+    want_params, _, _, want_metrics = _hand_linen_sam_step(
         model, params, None, batch, key)
     state, metrics = step(state, batch, key)
     _close(state.params, want_params)
     _close(metrics, want_metrics)
-    wrong_params, _, _ = _hand_linen_sam_step(
+    wrong_params, *_ = _hand_linen_sam_step(
         model, params, None, batch, key,
         perturbed_key=jax.random.fold_in(key, 1))
     _far(state.params, wrong_params)
@@ -206,7 +206,7 @@ def test_linen_dict_of_rngs_and_aux_metrics():
                        rngs={"dropout": key})
   np.testing.assert_allclose(
       metrics["accuracy"], np.mean(np.argmax(logits, -1) == batch["y"]))
-  want_params, _, _ = _hand_linen_sam_step(model, state.params, None, batch, key)
+  want_params, *_ = _hand_linen_sam_step(model, state.params, None, batch, key)
   _close(new_state.params, want_params)
 
 
@@ -263,7 +263,7 @@ def test_linen_train_state_method_and_stock_state_forward_grad_fn():
   stock = _linen_state(model, samtx.sam(LR, rho=RHO), train_state.TrainState)
   batch = _data()
   fwd = lambda p: _hand_linen_forward(model, p, None, batch, None)[0]
-  want_params, _, _ = _hand_linen_sam_step(model, state.params, None, batch,
+  want_params, *_ = _hand_linen_sam_step(model, state.params, None, batch,
                                            None)
   new = jax.jit(lambda s: s.apply_gradients(
       grads=jax.grad(fwd)(s.params), grad_fn=jax.grad(fwd)))(state)
