@@ -36,7 +36,7 @@ not change the numbers.
 
 Usage::
 
-  python benchmarks/linear_speedup.py            # full run (~12 min, 2 cores)
+  python benchmarks/linear_speedup.py            # full run (~13 min, 2 cores)
   python benchmarks/linear_speedup.py --quick    # ~65 s of CPU time
 """
 
