@@ -118,11 +118,11 @@ def scale_by_amsgrad(
   _check_moment_args(who, b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):
-    zeros = _common.full_like_stat(params, 0.0)
+    # Separate buffers for mu and nu: a shared one cannot be donated twice.
     return ScaleByAmsgradState(
         count=jnp.zeros([], jnp.int32),
-        mu=zeros,
-        nu=zeros,
+        mu=_common.full_like_stat(params, 0.0),
+        nu=_common.full_like_stat(params, 0.0),
         nu_max=_common.full_like_stat(params, jnp.square(eps)))
 
   def update_fn(updates, state, params=None):

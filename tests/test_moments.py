@@ -86,3 +86,13 @@ def test_lightsam_preconditioner_maps_variants():
                     samtx.ScaleByAdagradState)
   assert isinstance(samtx.lightsam_preconditioner("adam").init(jnp.ones(2)),
                     samtx.ScaleByAdamUncorrectedState)
+
+
+def test_amsgrad_state_can_be_donated_straight_from_init():
+  """mu and nu must be distinct buffers, else donate_argnums fails."""
+  params = {"w": jnp.ones((3, 2))}
+  tx = samtx.scale_by_amsgrad()
+  state = tx.init(params)
+  step = jax.jit(lambda g, s: tx.update(g, s), donate_argnums=(1,))
+  out, state = step(params, state)
+  np.testing.assert_allclose(out["w"], 0.1 / np.sqrt(0.001), rtol=1e-5)
