@@ -183,22 +183,8 @@ def test_five_steps_compile_once_without_host_round_trips(name, make, hypers):
 # buffer donation
 # ----------------------------------------------------------------------------
 
-SHARED_INIT_BUFFER = {"adasam", "adasam_delayed", "amsgrad"}
 
-
-def _donation_case(name, make):
-  marks = []
-  if name in SHARED_INIT_BUFFER:
-    marks = [pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="core: scale_by_amsgrad.init returns one zeros array for both"
-        " mu and nu, so its state cannot be donated as returned (fix: build"
-        " mu and nu separately; see docs/sections/performance.md)")]
-  return pytest.param(name, make, id=name, marks=marks)
-
-
-@pytest.mark.parametrize(
-    "name,make", [_donation_case(n, m) for n, m in ALIASES])
+@pytest.mark.parametrize("name,make", ALIASES, ids=ALIAS_IDS)
 def test_state_from_init_owns_its_buffers(name, make):
   """``opt.init`` output can be donated directly (no leaf shares a buffer)."""
   params = _params()
