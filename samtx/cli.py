@@ -885,8 +885,9 @@ def plot_heatmaps(result: dict, path: str) -> None:
   """One heat map of test accuracy over (lr, rho) per optimizer."""
   plt = _plt()
   items = list(result["optimizers"].values())
-  fig, axes = plt.subplots(1, len(items), figsize=(4.8 * len(items), 4.2),
+  fig, axes = plt.subplots(1, len(items), figsize=(5.2 * len(items), 4.2),
                            squeeze=False)
+  fig.subplots_adjust(wspace=0.45)
   for ax, res in zip(axes[0], items):
     mean = 100 * np.asarray(res["test_acc_mean"])
     im = ax.imshow(mean, origin="lower", cmap="viridis", vmin=0, vmax=100)
