@@ -545,6 +545,17 @@ def plot_curves(group: dict, path: str) -> None:
   axes[0].set(xlabel="epoch", ylabel="test accuracy (clean labels)")
   axes[1].set(xlabel="epoch", ylabel="train loss (training labels)",
               yscale="log")
+  # Keep the loss axis readable when some runs diverged (their curves leave
+  # the plot; the table and JSON still report them).
+  finals = {n: np.asarray(r["curves"]["train_loss_mean"])
+            for n, r in group["optimizers"].items()}
+  typical = np.median([np.nanmin(c) for c in finals.values()])
+  kept = [c for c in finals.values()
+          if np.all(np.isfinite(c)) and np.max(c[-1:]) < 100 * max(typical,
+                                                                  1e-6)]
+  if kept:
+    low = max(min(float(np.min(c)) for c in kept), 1e-6)
+    axes[1].set_ylim(low / 1.5, 1.5 * max(float(np.max(c)) for c in kept))
   axes[0].legend(fontsize=8, ncol=2)
   fig.suptitle(f"{group['dataset']}, label noise {group['noise']:.0%}, "
                f"{group['seeds']} seeds (mean ± std)")
