@@ -36,10 +36,16 @@ __all__ = [
 
 
 def _precondition(numerator, second_moment, like):
-  """``numerator / sqrt(second_moment)`` leafwise, cast to ``like``'s dtypes."""
-  return jax.tree.map(
-      lambda n, v, ref: (n / jnp.sqrt(v)).astype(ref.dtype),
-      numerator, second_moment, like)
+  """``numerator / sqrt(second_moment)`` leafwise, cast to ``like``'s dtypes.
+
+  Written as a multiplication by ``rsqrt``: XLA:CPU lowers ``n / sqrt(v)`` to
+  a slow scalar loop (1.5-1.8x optax's update), while ``rsqrt`` vectorises.
+  ``v >= eps**2`` always, so ``tiny`` only guards against a zero accumulator
+  and never changes a result.
+  """
+  def scale(n, v, ref):
+    return (n * jax.lax.rsqrt(v + jnp.finfo(v.dtype).tiny)).astype(ref.dtype)
+  return jax.tree.map(scale, numerator, second_moment, like)
 
 
 def _check_moment_args(who, *, b1=None, b2=None, eps):
