@@ -64,3 +64,13 @@ def test_quickstart_compares_the_five_optimizers():
   text = _text(nb)
   for name in ["SGD", "SAM", "AdaSAM", "LightSAM", "MSAM"]:
     assert f"{name} " in text and "test accuracy" in text
+
+
+def test_notebook_kernel_is_this_python():
+  """nbclient's "python3" kernel runs the interpreter running the tests (the venv)."""
+  import sys
+
+  from jupyter_client import KernelManager
+
+  command = KernelManager(kernel_name="python3").format_kernel_cmd()
+  assert command[0] == sys.executable
