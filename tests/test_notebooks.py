@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import sys
 
 import nbformat
 import pytest
@@ -68,8 +69,6 @@ def test_quickstart_compares_the_five_optimizers():
 
 def test_notebook_kernel_is_this_python():
   """nbclient's "python3" kernel runs the interpreter running the tests (the venv)."""
-  import sys
-
   from jupyter_client import KernelManager
 
   command = KernelManager(kernel_name="python3").format_kernel_cmd()
