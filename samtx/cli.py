@@ -99,14 +99,59 @@ SPECS: Dict[str, Spec] = {
 # benchmarks/results/compare/tuning.json): dataset -> noise -> name ->
 # (learning rate, rho). A noise level not listed uses the nearest one.
 TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
-    "mnist1d": {0.0: {
-        "sgd": (0.1, 0.0), "amsgrad": (3e-3, 0.0), "sam": (0.1, 0.05),
-        "asam": (0.1, 0.5), "adasam": (3e-3, 0.05),
-        "adasam_delayed": (3e-3, 0.05), "lightsam_i": (1.0, 0.3),
-        "lightsam_ii": (0.01, 0.01), "lightsam_iii": (1e-3, 1e-3),
-        "msam": (0.1, 0.3)}},
+    "mnist1d": {
+        0.0: {
+            "sgd": (0.1, 0.0),
+            "amsgrad": (0.003, 0.0),
+            "sam": (0.1, 0.15),
+            "asam": (0.1, 1.5),
+            "adasam": (0.003, 0.15),
+            "adasam_delayed": (0.0003, 0.05),
+            "lightsam_i": (10.0, 1.0),
+            "lightsam_ii": (0.1, 0.01),
+            "lightsam_iii": (0.003, 0.001),
+            "msam": (0.1, 0.3),
+        },
+        0.25: {
+            "sgd": (0.01, 0.0),
+            "amsgrad": (0.001, 0.0),
+            "sam": (0.03, 0.15),
+            "asam": (0.03, 1.5),
+            "adasam": (0.001, 0.05),
+            "adasam_delayed": (0.0003, 0.15),
+            "lightsam_i": (3.0, 0.1),
+            "lightsam_ii": (0.03, 0.01),
+            "lightsam_iii": (0.001, 0.001),
+            "msam": (0.03, 1.0),
+        },
+    },
+    "digits": {
+        0.0: {
+            "sgd": (0.3, 0.0),
+            "amsgrad": (0.003, 0.0),
+            "sam": (0.3, 0.15),
+            "asam": (0.3, 0.5),
+            "adasam": (0.003, 0.02),
+            "adasam_delayed": (0.0003, 0.02),
+            "lightsam_i": (10.0, 1.0),
+            "lightsam_ii": (0.03, 0.003),
+            "lightsam_iii": (0.01, 0.0003),
+            "msam": (0.3, 1.0),
+        },
+        0.25: {
+            "sgd": (0.03, 0.0),
+            "amsgrad": (0.001, 0.0),
+            "sam": (0.03, 0.15),
+            "asam": (0.1, 1.5),
+            "adasam": (0.003, 0.15),
+            "adasam_delayed": (0.001, 0.05),
+            "lightsam_i": (10.0, 0.1),
+            "lightsam_ii": (0.1, 0.03),
+            "lightsam_iii": (0.001, 0.003),
+            "msam": (0.1, 1.0),
+        },
+    },
 }
-TUNED["digits"] = TUNED["mnist1d"]
 
 
 def hidden_sizes(name: str) -> tuple:
