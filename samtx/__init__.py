@@ -24,6 +24,17 @@ from samtx.perturbations import sam_perturbation
 
 __version__ = "0.1.0"
 
+# Submodules with heavier imports (flax, plotting, datasets) load on first use,
+# so `import samtx` pulls in only jax and optax.
+_LAZY_SUBMODULES = ("parallel", "sharpness", "flax", "datasets", "cli")
+
+
+def __getattr__(name):
+  if name in _LAZY_SUBMODULES:
+    import importlib
+    return importlib.import_module(f"samtx.{name}")
+  raise AttributeError(f"module 'samtx' has no attribute {name!r}")
+
 __all__ = (
     # perturbations
     "sam_perturbation",
