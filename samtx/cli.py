@@ -1007,7 +1007,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds per grid point in the tuning sweep (seeds "
                         "1000.. distinct from the evaluation seeds)")
   cmp.add_argument("--tune-epochs", type=_positive_int, default=None,
-                   help="epochs per tuning run (default: --epochs)")
+                   help="epochs per tuning run (None: the same as --epochs)")
   cmp.add_argument("--hparams", default=None, metavar="JSON",
                    help="tuning.json from an earlier --tune run to take "
                         "(lr, rho) from")
