@@ -28,14 +28,16 @@ class MSAMState(NamedTuple):
 
   Attributes:
     count: number of updates taken (int32 scalar; drives ``rho`` schedules).
-    rho: the radius of the perturbation the held parameters carry now
-      (0 before the first step), so :func:`unperturb` can remove it even when
-      ``rho`` is scheduled.
+    scale: ``c = rho / (||v|| + 1e-12)`` of the perturbation the held
+      parameters carry now (0 before the first step): they sit at
+      ``x - c v``. Storing ``c`` rather than ``rho`` lets :func:`unperturb`
+      remove the perturbation exactly, even when ``rho`` is scheduled, and
+      lets the update avoid re-reading the old momentum.
     base_state: the SGD-with-momentum state; its ``optax.TraceState.trace``
       is the momentum ``v`` that defines the perturbation.
   """
   count: jax.Array
-  rho: jax.Array
+  scale: jax.Array
   base_state: Any
 
 
@@ -51,12 +53,17 @@ def _momentum_of(base_state) -> Any:
   return traces[0].trace
 
 
-def _perturbation(momentum, rho, like):
-  """``-rho v / (||v|| + 1e-12)`` cast to the dtypes of ``like``."""
-  step = rho / (_common.global_norm(momentum) + _MSAM_NORM_EPS)
+def _scale_of(momentum, rho, dtype):
+  """``c = rho / (||v|| + 1e-12)``, the scalar that sizes the perturbation."""
+  return jnp.asarray(rho / (_common.global_norm(momentum) + _MSAM_NORM_EPS),
+                     dtype)
+
+
+def _scaled(tree, scale, like):
+  """``scale * tree`` in statistics precision, cast to the dtypes of ``like``."""
   return jax.tree.map(
-      lambda v, ref: (-step * v.astype(_common.stat_dtype(v.dtype))).astype(
-          ref.dtype), momentum, like)
+      lambda v, ref: (scale * v.astype(_common.stat_dtype(v.dtype))).astype(
+          ref.dtype), tree, like)
 
 
 def msam(
@@ -115,6 +122,15 @@ def msam(
                        high_open=True, who=who)
   base = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
 
+  # With a static momentum mu >= 0.5 (the usual 0.9 regime) the old momentum
+  # is rebuilt from the new one, v_old = (v_new - g) / mu (optax.trace computes
+  # v_new = g + mu v_old, with or without Nesterov). Reading v_old itself would
+  # keep the donated buffer alive past the write of v_new and make XLA copy
+  # the whole momentum. The rebuild amplifies rounding by 1/mu, so a small or
+  # traced mu reads v_old instead.
+  rebuild_old_momentum = (isinstance(momentum, (int, float))
+                          and not isinstance(momentum, bool) and momentum >= 0.5)
+
   def init_fn(params):
     _common.check_float_leaves(params, who)
     base_state = base.init(params)
@@ -122,7 +138,7 @@ def msam(
     _momentum_of(base_state)
     return MSAMState(
         count=jnp.zeros([], jnp.int32),
-        rho=jnp.zeros([], _common.tree_stat_dtype(params)),
+        scale=jnp.zeros([], _common.tree_stat_dtype(params)),
         base_state=base_state)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -130,19 +146,25 @@ def msam(
     _common.check_float_leaves(updates, who)
     old_momentum = _momentum_of(state.base_state)
     step, base_state = base.update(updates, state.base_state, params)
-    new_rho = jnp.asarray(_common.value_at(rho, state.count), state.rho.dtype)
+    new_momentum = _momentum_of(base_state)
+    new_rho = _common.value_at(rho, state.count)
     if _common.is_static_zero(rho):
       # Nothing to undo or redo: return the base step untouched so that XLA
       # compiles exactly the SGD program (same FMA contractions, same bits).
       return step, MSAMState(count=optax.safe_increment(state.count),
-                             rho=new_rho, base_state=base_state)
-    undo = _perturbation(old_momentum, state.rho, updates)
-    redo = _perturbation(_momentum_of(base_state), new_rho, updates)
-    # x~' = x~ - undo + step + redo, summed leafwise in one fused expression.
-    new_updates = jax.tree.map(
-        lambda s, u, r: s - u + r, step, undo, redo)
+                             scale=jnp.zeros_like(state.scale),
+                             base_state=base_state)
+    new_scale = _scale_of(new_momentum, new_rho, state.scale.dtype)
+    if rebuild_old_momentum:
+      old_momentum = jax.tree.map(
+          lambda v, g: (v.astype(_common.stat_dtype(v.dtype))
+                        - g.astype(_common.stat_dtype(v.dtype))) / momentum,
+          new_momentum, updates)
+    undo = _scaled(old_momentum, state.scale, updates)  # x = x~ + c_old v_old
+    redo = _scaled(new_momentum, new_scale, updates)    # x~' = x' - c_new v_new
+    new_updates = jax.tree.map(lambda s, u, r: s + u - r, step, undo, redo)
     return new_updates, MSAMState(
-        count=optax.safe_increment(state.count), rho=new_rho,
+        count=optax.safe_increment(state.count), scale=new_scale,
         base_state=base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -184,6 +206,5 @@ def unperturb(params, opt_state):
         f"unperturb: opt_state holds {len(states)} MSAM states; apply"
         " unperturb to the part of the state that goes with params.")
   state = states[0]
-  perturbation = _perturbation(_momentum_of(state.base_state), state.rho,
-                               params)
-  return jax.tree.map(lambda p, e: p - e, params, perturbation)
+  shift = _scaled(_momentum_of(state.base_state), state.scale, params)
+  return jax.tree.map(jnp.add, params, shift)
