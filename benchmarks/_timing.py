@@ -324,6 +324,23 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def write_results(name: str, payload: dict, markdown: str, *, backend: str,
+                  quick: bool, out: str | None = None) -> str:
+  """Writes ``<prefix>.json`` and ``<prefix>.md``; returns the prefix.
+
+  The default prefix names the backend (``step_time_cpu``, ``step_time_gpu``)
+  and the mode, so runs on different machines never overwrite each other.
+  """
+  prefix = out or os.path.join(
+      RESULTS_DIR, f"{name}_{backend}" + ("_quick" if quick else ""))
+  write_json(prefix + ".json", payload)
+  write_text(prefix + ".md", markdown)
+  return prefix
+
+
 def fmt_bytes(n) -> str:
   if n is None:
     return "n/a"

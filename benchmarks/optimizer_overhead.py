@@ -41,7 +41,6 @@ import _timing  # noqa: E402  (benchmarks/ is not a package)
 
 import samtx  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR, RHO, MOMENTUM = 1e-3, 0.05, 0.9
 
 
@@ -434,11 +433,9 @@ def main(argv=None) -> dict:
   for r in family_out:
     log(f"  {r['label']:26s} / {r['base']:20s} {r['ratio']:.3f}"
         f" ({r['extra_ms']:+.2f} ms)")
-  prefix = args.out or os.path.join(
-      RESULTS_DIR, f"optimizer_overhead_{machine['backend']}"
-      + ("_quick" if args.quick else ""))
-  _timing.write_json(prefix + ".json", payload)
-  _timing.write_text(prefix + ".md", markdown(payload))
+  prefix = _timing.write_results(
+      "optimizer_overhead", payload, markdown(payload), backend=machine["backend"],
+      quick=args.quick, out=args.out)
   log(f"\nwrote {prefix}.json and {prefix}.md in {payload['wall_s']:.0f}s")
   return payload
 

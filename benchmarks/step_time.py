@@ -43,7 +43,6 @@ import _timing  # noqa: E402  (benchmarks/ is not a package)
 
 import samtx  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 LR = 1e-3
 RHO = 0.05
@@ -578,11 +577,9 @@ def main(argv=None) -> dict:
       "wall_s": time.perf_counter() - t0,
       "results": results,
   }
-  prefix = args.out or os.path.join(
-      RESULTS_DIR, f"step_time_{machine['backend']}"
-      + ("_quick" if args.quick else ""))
-  _timing.write_json(prefix + ".json", payload)
-  _timing.write_text(prefix + ".md", markdown(payload))
+  prefix = _timing.write_results(
+      "step_time", payload, markdown(payload), backend=machine["backend"],
+      quick=args.quick, out=args.out)
   print(f"\nwrote {prefix}.json and {prefix}.md in {payload['wall_s']:.0f}s")
   return payload
 

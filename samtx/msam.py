@@ -144,7 +144,6 @@ def msam(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _common.check_float_leaves(updates, who)
-    old_momentum = _momentum_of(state.base_state)
     step, base_state = base.update(updates, state.base_state, params)
     new_momentum = _momentum_of(base_state)
     new_rho = _common.value_at(rho, state.count)
@@ -160,6 +159,8 @@ def msam(
           lambda v, g: (v.astype(_common.stat_dtype(v.dtype))
                         - g.astype(_common.stat_dtype(v.dtype))) / momentum,
           new_momentum, updates)
+    else:
+      old_momentum = _momentum_of(state.base_state)
     undo = _scaled(old_momentum, state.scale, updates)  # x = x~ + c_old v_old
     redo = _scaled(new_momentum, new_scale, updates)    # x~' = x' - c_new v_new
     new_updates = jax.tree.map(lambda s, u, r: s + u - r, step, undo, redo)

@@ -185,26 +185,26 @@ def run_pmap(kind, params, batch, m_sharpness, steps=STEPS, donate=False):
   return par.unreplicate(p), metrics
 
 
-def run_shard_map(kind, params, batch, m_sharpness, mesh, steps=STEPS):
-  opt = optimizer(kind, "batch")
-  step = par.shard_map_step(loss_fn, opt, mesh, m_sharpness=m_sharpness)
+def _run_on_mesh(step, opt, params, batch, mesh, steps):
+  """Replicates params and state, shards the batch, runs ``steps`` steps."""
   p = par.replicate(params, mesh)
   s = par.replicate(opt.init(params), mesh)
   sharded = par.shard_batch(batch, mesh)
   for _ in range(steps):
     p, s, metrics = step(p, s, sharded)
   return p, metrics
+
+
+def run_shard_map(kind, params, batch, m_sharpness, mesh, steps=STEPS):
+  opt = optimizer(kind, "batch")
+  step = par.shard_map_step(loss_fn, opt, mesh, m_sharpness=m_sharpness)
+  return _run_on_mesh(step, opt, params, batch, mesh, steps)
 
 
 def run_jit(kind, params, batch, groups, mesh, steps=STEPS):
   opt = optimizer(kind, None if groups is None else "batch")
   step = par.jit_step(loss_fn, opt, mesh, m_sharpness_groups=groups)
-  p = par.replicate(params, mesh)
-  s = par.replicate(opt.init(params), mesh)
-  sharded = par.shard_batch(batch, mesh)
-  for _ in range(steps):
-    p, s, metrics = step(p, s, sharded)
-  return p, metrics
+  return _run_on_mesh(step, opt, params, batch, mesh, steps)
 
 
 def assert_close(tree, ref, rtol=2e-5, atol=2e-6):

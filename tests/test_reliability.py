@@ -159,29 +159,44 @@ def test_schedule_learning_rate_does_not_promote_bfloat16_updates():
 
 
 # ------------------------------------------------------------------ bad input
+def _poisonable_step(opt, loss, *, poison_clean_gradient):
+  """A jitted step whose grad_fn returns NaNs when ``poisoned`` is set: at the
+  perturbed point only, or (``poison_clean_gradient``) for the clean
+  gradient too."""
+  good = jax.grad(loss)
+  bad = lambda p: jax.tree.map(lambda g: g * jnp.nan, p)
+
+  @jax.jit
+  def step(p, s, poisoned):
+    grad_fn = lambda q: jax.lax.cond(poisoned, bad, good, q)
+    grads = grad_fn(p) if poison_clean_gradient else good(p)
+    u, s = opt.update(grads, s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  return step
+
+
+def _assert_bad_step_skipped_then_recovered(step, params, state):
+  """A poisoned step leaves params and state untouched; the next good step
+  equals a good step taken from before the poisoned one."""
+  p, state = step(params, state, False)
+  p_bad, state_bad = step(p, state, True)
+  _assert_trees_equal(p_bad, p)
+  _assert_trees_equal(state_bad.inner_state, state.inner_state)
+  assert int(state_bad.notfinite_count) == 1 and not bool(state_bad.last_finite)
+  p_next, state_next = step(p_bad, state_bad, False)
+  p_ref, _ = step(p, state, False)
+  _assert_trees_equal(p_next, p_ref)
+  return p_next, state_next
+
+
 @pytest.mark.parametrize("name", ["sam", "adasam", "lightsam_II", "msam"])
 def test_apply_if_finite_skips_a_nan_step_and_recovers(name):
   """A NaN from grad_fn (or in grads) leaves params and state untouched."""
   _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
   opt = optax.apply_if_finite(ALIASES[name](), max_consecutive_errors=3)
-  good = jax.grad(loss)
-  bad = lambda p: jax.tree.map(lambda g: g * jnp.nan, good(p))
-
-  @jax.jit
-  def step(p, s, poisoned):
-    grad_fn = lambda q: jax.lax.cond(poisoned, bad, good, q)
-    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn)
-    return optax.apply_updates(p, u), s
-
-  state = opt.init(params)
-  p, state = step(params, state, False)
-  p_bad, state_bad = step(p, state, True)
-  _assert_trees_equal(p_bad, p)
-  _assert_trees_equal(state_bad.inner_state, state.inner_state)
-  assert int(state_bad.notfinite_count) == 1
-  p_next, _ = step(p_bad, state_bad, False)
-  p_ref, _ = step(p, state, False)
-  _assert_trees_equal(p_next, p_ref)
+  step = _poisonable_step(opt, loss, poison_clean_gradient=True)
+  _assert_bad_step_skipped_then_recovered(step, params, opt.init(params))
 
 
 def test_optax_apply_if_finite_misses_a_nan_at_the_perturbed_point():
@@ -199,26 +214,9 @@ def test_optax_apply_if_finite_misses_a_nan_at_the_perturbed_point():
 def test_samtx_apply_if_finite_catches_nan_at_the_perturbed_point(name):
   _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
   opt = samtx.apply_if_finite(ALIASES[name](), max_consecutive_errors=1)
-  good = jax.grad(loss)
-  nan_at_perturbed = lambda p: jax.tree.map(lambda x: x * jnp.nan, p)
-
-  @jax.jit
-  def step(p, s, poisoned):
-    g = good(p)
-    grad_fn = lambda q: jax.lax.cond(poisoned, nan_at_perturbed, good, q)
-    u, s = opt.update(g, s, p, grad_fn=grad_fn)
-    return optax.apply_updates(p, u), s
-
-  state = opt.init(params)
-  p, state = step(params, state, False)
-  p_bad, state_bad = step(p, state, True)
-  _assert_trees_equal(p_bad, p)
-  _assert_trees_equal(state_bad.inner_state, state.inner_state)
-  assert int(state_bad.notfinite_count) == 1 and not bool(state_bad.last_finite)
-  # Recovery: the next good step equals a good step from before the NaN.
-  p_next, state_next = step(p_bad, state_bad, False)
-  p_ref, _ = step(p, state, False)
-  _assert_trees_equal(p_next, p_ref)
+  step = _poisonable_step(opt, loss, poison_clean_gradient=False)
+  p_next, state_next = _assert_bad_step_skipped_then_recovered(
+      step, params, opt.init(params))
   assert int(state_next.notfinite_count) == 0
   # Past max_consecutive_errors the update goes through (fails loudly).
   p1, s1 = step(p_next, state_next, True)
