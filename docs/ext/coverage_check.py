@@ -17,9 +17,6 @@ import importlib
 import importlib.util
 from typing import Any
 
-from sphinx.util import logging
-
-logger = logging.getLogger(__name__)
 
 # Submodules users import by name; their names are documented under their own
 # path. Core modules (perturbations, moments, aliases, msam, guards) are
@@ -44,6 +41,10 @@ def missing_entries(documented: set[str]) -> list[str]:
 
 
 def _check(app: Any, env: Any) -> None:
+  # Imported here so tests/test_docs.py can use public_names() without the
+  # docs extra installed.
+  from sphinx.util import logging
+  logger = logging.getLogger(__name__)
   documented = set(env.get_domain("py").objects)
   for name in missing_entries(documented):
     logger.warning(
