@@ -10,7 +10,8 @@ Run from the repository root (``make wheel-smoke``). Steps:
    tree (so the installed copy is imported, not ``./samtx``): ``import
    samtx``, one jitted ``samtx.sam`` step, and ``import samtx.flax`` failing
    with the install hint;
-4. the temporary folder, venv included, is removed whatever happened.
+4. the temporary folder, venv included, is removed whatever happened (and
+   setuptools' ``./build`` staging folder, if the build created it).
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def _check_metadata(wheel: pathlib.Path, version: str) -> None:
 def main() -> None:
   version = _source_version()
   work = pathlib.Path(tempfile.mkdtemp(prefix="samtx-wheel-smoke-"))
+  # setuptools stages the build in ./build; remove it afterwards unless it
+  # was there before (then it is someone else's).
+  staging = ROOT / "build"
+  staging_existed = staging.exists()
   try:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet",
                     "--no-deps", "--wheel-dir", str(work / "dist"), str(ROOT)],
@@ -110,6 +115,8 @@ def main() -> None:
     print(f"{wheel.name}: metadata, py.typed and smoke test ok")
   finally:
     shutil.rmtree(work, ignore_errors=True)
+    if not staging_existed:
+      shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":
