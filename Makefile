@@ -60,4 +60,4 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/linear_speedup.py --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache docs/_build dist build
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache docs/_build docs/examples dist build
