@@ -30,7 +30,6 @@ extensions = [
     "sphinx.ext.napoleon",  # Google-style Args:/Returns: sections
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
-    "sphinx.ext.intersphinx",
     "coverage_check",  # fails the build when a public name has no API entry
 ]
 
@@ -51,21 +50,13 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-# No network at build time: intersphinx would fetch inventories, so it only
-# resolves what is already cached (nothing, offline); keep it for a connected
-# build and make a missing inventory harmless.
-intersphinx_mapping: dict = {}
+# No intersphinx: the build must work offline (CI reaches only package
+# registries), and a fetched inventory would make it depend on the network.
 
 html_theme = "furo"
 html_title = f"samtx {release}"
 html_static_path: list[str] = []
 html_theme_options = {"navigation_with_keys": True}
-
-suppress_warnings = [
-    # myst-nb stores notebook outputs as mime bundles; matplotlib's text/plain
-    # fallbacks are fine to drop.
-    "mystnb.unknown_mime_type",
-]
 
 # The notebooks live in notebooks/ (tests execute them there); copy them in
 # so the site renders the committed, executed copies under examples/.
