@@ -21,6 +21,7 @@ from samtx.msam import unperturb
 from samtx.perturbations import lightsam_perturbation
 from samtx.perturbations import PerturbationState
 from samtx.perturbations import sam_perturbation
+from samtx.wrappers import lookahead
 
 __version__ = "0.1.0"
 
@@ -57,8 +58,9 @@ __all__ = (
     "amsgrad",
     "lightsam",
     "msam",
-    # guards
+    # guards and wrappers
     "apply_if_finite",
+    "lookahead",
     # one-pass helpers
     "MSAMState",
     "unperturb",
