@@ -592,3 +592,30 @@ def test_inject_hyperparams_keeps_the_state_structure(alias):
 @pytest.mark.parametrize("base", BASES)
 def test_perturbation_before_base(base, perturbation):
   assert_cell(BASES[base], perturbation)
+
+
+@pytest.mark.parametrize("alias", ALIASES, ids=lambda a: a.label)
+def test_guards_on_a_nan_at_the_perturbed_point(alias):
+  """samtx.apply_if_finite skips the step (zero updates, state kept);
+  optax.apply_if_finite lets a NaN from grad_fn through, so for a two-pass
+  alias its updates are NaN. Aliases that never call grad_fn are unaffected."""
+  nan_grad_fn = lambda p: jax.tree.map(lambda x: x * jnp.nan, p)
+  grads = grad_fn_for(0)(PARAMS)
+  samtx_guard = samtx.apply_if_finite(alias.build(), 3)
+  state = samtx_guard.init(PARAMS)
+  updates, new_state = samtx_guard.update(grads, state, PARAMS,
+                                          grad_fn=nan_grad_fn)
+  two_pass = kind(alias) == "two_pass"
+  assert int(new_state.notfinite_count) == int(two_pass)
+  if two_pass:
+    for u in jax.tree.leaves(updates):
+      np.testing.assert_array_equal(u, 0.0)
+    for new, old in zip(jax.tree.leaves(new_state.inner_state),
+                        jax.tree.leaves(state.inner_state)):
+      np.testing.assert_array_equal(new, old)
+  optax_guard = optax.apply_if_finite(alias.build(), 3)
+  updates, new_state = optax_guard.update(
+      grads, optax_guard.init(PARAMS), PARAMS, grad_fn=nan_grad_fn)
+  assert int(new_state.notfinite_count) == 0
+  assert all(bool(jnp.isnan(u).all()) == two_pass
+             for u in jax.tree.leaves(updates))
