@@ -193,7 +193,6 @@ class Cell(NamedTuple):
     wrap / point / evaluate: params the wrapper holds, the tree the gradient
       is taken at, and the weights to evaluate.
     before_step: (state, step) -> state, for run-time changes.
-    note: what the cell means, for the docs.
   """
   build: Callable[[Alias], Any]
   reference: Callable[[Alias], list]
