@@ -99,8 +99,8 @@ def lookahead(
     The state is ``optax.LookaheadState``.
 
   Raises:
-    TypeError: ``fast_optimizer`` is not a gradient transformation, or
-      ``sync_period`` is not an integer.
+    TypeError: ``fast_optimizer`` is not a gradient transformation,
+      ``sync_period`` is not an integer or ``reset_state`` not a bool.
     ValueError: ``sync_period < 1`` or ``slow_step_size`` outside ``[0, 1]``.
 
   Example:
@@ -130,6 +130,8 @@ def lookahead(
   _check_sync_period(sync_period, who)
   _common.check_scalar("slow_step_size", slow_step_size, low=0.0, high=1.0,
                        who=who)
+  if not isinstance(reset_state, (bool, np.bool_)):
+    raise TypeError(f"{who}: reset_state must be a bool, got {reset_state!r}.")
   fast_optimizer = optax.with_extra_args_support(fast_optimizer)
 
   def init_fn(params):

@@ -186,6 +186,8 @@ def test_lookahead_msam_reset_state_restarts_unperturbed():
      r"slow_step_size must lie in \[0.0, 1.0\]"),
     (lambda: samtx.lookahead(samtx.sam(0.1), 5, "half"), TypeError,
      "slow_step_size must be a real scalar"),
+    (lambda: samtx.lookahead(samtx.sam(0.1), 5, 0.5, "yes"), TypeError,
+     "reset_state must be a bool"),
     (lambda: samtx.lookahead(samtx.sam, 5, 0.5), TypeError,
      "fast_optimizer must be an optax.GradientTransformation"),
 ])
