@@ -215,6 +215,15 @@ def _spec_of(x, mesh) -> P:
   return P()
 
 
+def _uses_axes(specs, axes) -> bool:
+  """Whether any ``PartitionSpec`` in ``specs`` shards over one of ``axes``."""
+  used = set()
+  for spec in jax.tree.leaves(specs, is_leaf=_is_spec):
+    for entry in spec:
+      used.update(entry if isinstance(entry, tuple) else (entry,))
+  return bool(used & set(axes))
+
+
 def _varying_axes(x) -> frozenset:
   aval = jax.typeof(x)
   mat = getattr(aval, "manual_axis_type", None)
@@ -894,7 +903,19 @@ def shard_map_step(
     opt_state = _constrain_specs(opt_state, mesh, sspecs)
     batch = _constrain_specs(batch, mesh,
                              _spec_tree(P(axis_name), batch, who, "batch"))
-    return mapped(params, opt_state, batch, model_state, rng)
+    try:
+      return mapped(params, opt_state, batch, model_state, rng)
+    except ValueError as err:
+      if "out_specs" not in str(err) or not _uses_axes(pspecs, model_axes):
+        raise
+      raise ValueError(
+          f"{who}: with parameters sharded over {model_axes}, build the"
+          f" optimizer with norm_axis_name={model_axes!r} (e.g."
+          f" samtx.sam(lr, rho, axis_name={axis_name!r},"
+          f" norm_axis_name={model_axes[0]!r})) so that its global norms sum"
+          " over the parameter blocks; without it each device computes its"
+          f" own block's norm and replicated leaves drift apart.\n{err}"
+      ) from None
 
   jitted = jax.jit(step, donate_argnums=(0, 1, 3) if donate else ())
 
