@@ -16,6 +16,7 @@ from samtx.moments import ScaleByAdagradState
 from samtx.moments import ScaleByAdamUncorrectedState
 from samtx.moments import ScaleByAmsgradState
 from samtx.msam import msam
+from samtx.msam import msam_adamw
 from samtx.msam import MSAMState
 from samtx.msam import unperturb
 from samtx.perturbations import lightsam_perturbation
@@ -57,6 +58,7 @@ __all__ = (
     "amsgrad",
     "lightsam",
     "msam",
+    "msam_adamw",
     # guards
     "apply_if_finite",
     # one-pass helpers

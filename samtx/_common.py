@@ -23,20 +23,29 @@ ScalarOrSchedule = Any  # float | jax.Array | optax.Schedule
 
 
 def stat_dtype(dtype) -> jnp.dtype:
-  """The dtype norms and moment statistics are kept in for ``dtype`` leaves.
+  """The dtype first moments and perturbations are kept in for ``dtype`` leaves.
 
   Low-precision leaves (bfloat16, float16) get float32 statistics: float16
-  cannot even represent ``eps**2 = 1e-16`` and rounds it to zero. float32 and
-  float64 leaves keep their own precision.
+  cannot even represent ``eps**2 = 1e-16`` and rounds it to zero. float32,
+  float64 and complex leaves keep their own precision.
   """
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def real_stat_dtype(dtype) -> jnp.dtype:
+  """The real dtype of second moments and norms for ``dtype`` leaves.
+
+  ``|z|^2`` of a complex number is real, so a complex64 leaf's variances and
+  norms are float32 (optax's convention); real leaves get :func:`stat_dtype`.
+  """
+  return jnp.finfo(stat_dtype(dtype)).dtype
+
+
 def tree_stat_dtype(tree) -> jnp.dtype:
-  """The statistics dtype for a scalar that summarises a whole tree."""
+  """The (real) dtype of a scalar that summarises a whole tree, e.g. a norm."""
   dtype = jnp.dtype(jnp.float32)
   for leaf in jax.tree.leaves(tree):
-    dtype = jnp.promote_types(dtype, stat_dtype(leaf.dtype))
+    dtype = jnp.promote_types(dtype, real_stat_dtype(leaf.dtype))
   return dtype
 
 
@@ -56,19 +65,82 @@ def check_float_leaves(tree, who: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def global_sq_norm(tree, dtype=None) -> jax.Array:
-  """Squared global L2 norm of a tree, accumulated in the statistics dtype."""
-  dtype = tree_stat_dtype(tree) if dtype is None else dtype
-  leaves = jax.tree.leaves(tree)
+def abs_sq(x: jax.Array) -> jax.Array:
+  """``|x|^2`` elementwise, real for complex ``x`` (``x * conj(x)``)."""
+  if jnp.iscomplexobj(x):
+    return jnp.real(x * jnp.conj(x))
+  return jnp.square(x)
+
+
+def sq_stat(x: jax.Array) -> jax.Array:
+  """``|x|^2`` in the real statistics dtype of ``x`` (never overflows f16)."""
+  return abs_sq(x.astype(stat_dtype(x.dtype)))
+
+
+def _sharded_axes(leaf, norm_axis_name) -> tuple:
+  """The axes of ``norm_axis_name`` that ``leaf`` is sharded (varies) over.
+
+  Inside ``jax.shard_map`` every value carries the set of mesh axes it varies
+  over (``jax.typeof(x).vma``). A leaf that is replicated over an axis holds
+  the same block on every device there, so its partial sum is counted once
+  (no psum); outside ``shard_map`` the set is empty and nothing is summed.
+  """
+  if norm_axis_name is None:
+    return ()
+  names = ((norm_axis_name,) if isinstance(norm_axis_name, str)
+           else tuple(norm_axis_name))
+  varying = getattr(jax.typeof(leaf), "vma", frozenset())
+  return tuple(name for name in names if name in varying)
+
+
+def tree_sum(partials, norm_axis_name=None, dtype=None) -> jax.Array:
+  """Sums per-leaf partial results into one global scalar.
+
+  ``partials`` pairs each leaf (whose sharding decides the psum axes) with
+  its local scalar. Partials that vary over the same model axes are added
+  first, so there is one ``psum`` per distinct set of axes, not per leaf.
+  """
+  groups = {}
+  for leaf, partial in partials:
+    axes = _sharded_axes(leaf, norm_axis_name)
+    groups[axes] = groups.get(axes, 0) + partial.astype(dtype)
   total = jnp.zeros((), dtype)
-  for leaf in leaves:
-    total = total + jnp.sum(jnp.square(leaf.astype(dtype)))
+  for axes, partial in groups.items():
+    total = total + (jax.lax.psum(partial, axes) if axes else partial)
   return total
 
 
-def global_norm(tree, dtype=None) -> jax.Array:
-  """Global L2 norm of a tree (one reduction over every leaf)."""
-  return jnp.sqrt(global_sq_norm(tree, dtype))
+def global_sq_norm(tree, dtype=None, norm_axis_name=None) -> jax.Array:
+  """Squared global L2 norm of a tree, accumulated in the statistics dtype.
+
+  Complex leaves contribute ``|z|^2``. With ``norm_axis_name`` (inside
+  ``jax.shard_map``) the per-block sums of leaves sharded over those mesh
+  axes are ``psum``-ed, so the result is the norm of the whole model.
+  """
+  dtype = tree_stat_dtype(tree) if dtype is None else dtype
+  return tree_sum(
+      [(leaf, jnp.sum(abs_sq(leaf.astype(_promote_real(leaf.dtype, dtype)))))
+       for leaf in jax.tree.leaves(tree)], norm_axis_name, dtype)
+
+
+def global_norm(tree, dtype=None, norm_axis_name=None) -> jax.Array:
+  """Global L2 norm of a tree (see :func:`global_sq_norm`)."""
+  return jnp.sqrt(global_sq_norm(tree, dtype, norm_axis_name))
+
+
+def global_real_vdot(a, b, dtype=None, norm_axis_name=None) -> jax.Array:
+  """``Re <a, b>`` over whole trees (``sum(conj(a) * b)``), like the norm."""
+  dtype = tree_stat_dtype(a) if dtype is None else dtype
+  return tree_sum(
+      [(x, jnp.sum(jnp.real(jnp.conj(x.astype(_promote_real(x.dtype, dtype)))
+                            * y.astype(_promote_real(y.dtype, dtype)))))
+       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))],
+      norm_axis_name, dtype)
+
+
+def _promote_real(leaf_dtype, real_dtype):
+  """``real_dtype``, made complex when the leaf is complex."""
+  return jnp.promote_types(leaf_dtype, real_dtype)
 
 
 def ema(old, new, decay):
@@ -83,10 +155,33 @@ def to_stat(tree):
   return jax.tree.map(lambda x: x.astype(stat_dtype(x.dtype)), tree)
 
 
-def full_like_stat(tree, value):
-  """A tree shaped like ``tree`` filled with ``value`` in statistics dtype."""
+def full_like_stat(tree, value, *, real: bool = False):
+  """A tree like ``tree`` filled with ``value`` in its statistics dtype.
+
+  ``jnp.full_like`` keeps each leaf's sharding, so optimizer state lands on
+  the devices of its parameter (``jnp.full(x.shape, ...)`` would not).
+  ``real=True`` gives the real dtype second moments need for complex leaves.
+  """
+  dtype_of = real_stat_dtype if real else stat_dtype
   return jax.tree.map(
-      lambda x: jnp.full(x.shape, value, stat_dtype(x.dtype)), tree)
+      lambda x: jnp.full_like(x, value, dtype=dtype_of(x.dtype)), tree)
+
+
+def initial_second_moment(eps, dtype):
+  """``eps**2`` in ``dtype``: the start of every samtx accumulator.
+
+  Computed one way everywhere, so code can compare a statistic with its
+  initial value exactly (AdaSAM's delayed form does).
+  """
+  return jnp.square(jnp.asarray(eps, dtype))
+
+
+def second_moments_like(tree, eps):
+  """Per-coordinate accumulators for ``tree``, all at ``eps**2`` (real)."""
+  return jax.tree.map(
+      lambda x: jnp.full_like(
+          x, initial_second_moment(eps, real_stat_dtype(x.dtype)),
+          dtype=real_stat_dtype(x.dtype)), tree)
 
 
 def cast_like(tree, like):
@@ -154,6 +249,17 @@ def check_scalar(
     bad |= x >= high if high_open else x > high
   if bad:
     raise ValueError(f"{who}: {name} must lie in {valid}, got {value!r}.")
+
+
+def check_axis_names(name: str, value, who: str) -> None:
+  """Accepts ``None``, a mesh axis name, or a tuple of mesh axis names."""
+  ok = value is None or isinstance(value, str) or (
+      isinstance(value, tuple) and value
+      and all(isinstance(v, str) for v in value))
+  if not ok:
+    raise TypeError(
+        f"{who}: {name} must be None, a mesh axis name (str) or a non-empty"
+        f" tuple of axis names, got {value!r}.")
 
 
 def is_static_zero(value) -> bool:

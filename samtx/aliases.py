@@ -15,8 +15,9 @@ from samtx import _common
 from samtx import moments
 from samtx import perturbations
 from samtx.msam import msam
+from samtx.msam import msam_adamw
 
-__all__ = ["sam", "adasam", "amsgrad", "lightsam", "msam"]
+__all__ = ["sam", "adasam", "amsgrad", "lightsam", "msam", "msam_adamw"]
 
 
 def _check_learning_rate(learning_rate, who):
@@ -24,12 +25,20 @@ def _check_learning_rate(learning_rate, who):
                        allow_schedule=True, who=who)
 
 
-def _momentum_transform(momentum, nesterov):
-  """SGD's momentum trace, omitted when ``momentum`` is a static zero."""
-  if isinstance(momentum, (int, float)) and momentum == 0:
+def _momentum_transform(momentum, nesterov, who):
+  """SGD's momentum trace; none at all when ``momentum`` is ``None``.
+
+  ``None`` (not ``0.0``) is the default, as in ``optax.sgd``: a numeric
+  default would become an array under ``optax.inject_hyperparams`` and build
+  a parameter-sized buffer the plain optimizer does not have.
+  """
+  if momentum is None or (isinstance(momentum, (int, float))
+                          and not isinstance(momentum, bool) and momentum == 0):
     if nesterov:
-      raise ValueError("sam: nesterov=True needs momentum > 0.")
+      raise ValueError(f"{who}: nesterov=True needs momentum > 0.")
     return optax.identity()
+  _common.check_scalar("momentum", momentum, low=0.0, high=1.0,
+                       high_open=True, who=who)
   return optax.trace(decay=momentum, nesterov=nesterov)
 
 
@@ -37,11 +46,12 @@ def sam(
     learning_rate,
     rho=0.05,
     *,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
     nesterov: bool = False,
     adaptive: bool = False,
     eta: float = 0.0,
     axis_name: Optional[str] = None,
+    norm_axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAM (or ASAM with ``adaptive=True``) on SGD with optional momentum.
 
@@ -54,11 +64,14 @@ def sam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule.
-    momentum: SGD momentum ``mu`` in ``[0, 1)``; 0 keeps no momentum buffer.
+    momentum: SGD momentum ``mu`` in ``[0, 1)``; ``None`` (or 0) keeps no
+      momentum buffer.
     nesterov: Nesterov momentum.
     adaptive: ASAM's scale-invariant perturbation.
     eta: ASAM's offset ``>= 0``.
     axis_name: average the perturbed gradient over this mapped axis.
+    norm_axis_name: mesh axes the parameters are sharded over inside
+      ``jax.shard_map`` (see :func:`samtx.sam_perturbation`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
@@ -83,12 +96,11 @@ def sam(
   """
   who = "sam"
   _check_learning_rate(learning_rate, who)
-  _common.check_scalar("momentum", momentum, low=0.0, high=1.0,
-                       high_open=True, who=who)
   return optax.chain(
       perturbations.sam_perturbation(
-          rho, adaptive=adaptive, eta=eta, axis_name=axis_name),
-      _momentum_transform(momentum, nesterov),
+          rho, adaptive=adaptive, eta=eta, axis_name=axis_name,
+          norm_axis_name=norm_axis_name),
+      _momentum_transform(momentum, nesterov, who),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -116,7 +128,9 @@ def amsgrad(
     b1: first-moment decay in ``[0, 1)``.
     b2: second-moment decay in ``[0, 1)``.
     eps: ``> 0``.
-    delayed: divide by the previous step's ``vhat``.
+    delayed: experimental analysis form of the AdaSAM proof (divides by the
+      previous ``vhat`` where it has history); not Algorithm 1, not
+      recommended. See :func:`samtx.scale_by_amsgrad`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -145,6 +159,7 @@ def adasam(
     eps: float = 1e-8,
     delayed: bool = False,
     axis_name: Optional[str] = None,
+    norm_axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaSAM: the SAM perturbation followed by AdaSAM's AMSGrad rule.
 
@@ -153,8 +168,10 @@ def adasam(
     m = \beta_1 m + (1-\beta_1) h,\ v = \beta_2 v + (1-\beta_2) h^2,\
     \hat v = \max(\hat v, v),\ x \leftarrow x - \eta_t m/\sqrt{\hat v}
 
-  ``rho=0`` equals :func:`samtx.amsgrad`. ``delayed=True`` divides by the
-  previous ``vhat`` (the paper's delayed second moment).
+  This is the paper's Algorithm 1. ``rho=0`` equals :func:`samtx.amsgrad`.
+  ``delayed=True`` is the experimental *analysis* form of the paper's proof
+  (dividing by the previous ``vhat`` where a coordinate has history), not its
+  Algorithm 1 and not recommended; see :func:`samtx.scale_by_amsgrad`.
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
@@ -162,8 +179,10 @@ def adasam(
     b1: first-moment decay in ``[0, 1)``.
     b2: second-moment decay in ``[0, 1)``.
     eps: ``> 0``, the AMSGrad epsilon (``vhat`` starts at ``eps**2``).
-    delayed: delayed second moment.
+    delayed: experimental analysis form (see above), not Algorithm 1.
     axis_name: average the perturbed gradient over this mapped axis.
+    norm_axis_name: mesh axes the parameters are sharded over inside
+      ``jax.shard_map`` (see :func:`samtx.sam_perturbation`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -171,7 +190,7 @@ def adasam(
 
   Example:
     >>> import jax.numpy as jnp, samtx
-    >>> opt = samtx.adasam(1e-3, rho=0.05, delayed=True)
+    >>> opt = samtx.adasam(1e-3, rho=0.05)
     >>> state = opt.init({"w": jnp.zeros((2, 2))})
 
   References:
@@ -180,7 +199,8 @@ def adasam(
   """
   _check_learning_rate(learning_rate, "adasam")
   return optax.chain(
-      perturbations.sam_perturbation(rho, axis_name=axis_name),
+      perturbations.sam_perturbation(rho, axis_name=axis_name,
+                                     norm_axis_name=norm_axis_name),
       moments.scale_by_amsgrad(b1, b2, eps, delayed=delayed),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -195,6 +215,7 @@ def lightsam(
     b2: float = 0.999,
     eps: float = 1e-8,
     axis_name: Optional[str] = None,
+    norm_axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LightSAM-I/II/III: preconditioned ascent and descent.
 
@@ -215,6 +236,8 @@ def lightsam(
     b2: second-moment decay of the ``"adam"`` variant.
     eps: ``> 0``; all accumulators start at ``eps**2``.
     axis_name: average the perturbed gradient over this mapped axis.
+    norm_axis_name: mesh axes the parameters are sharded over inside
+      ``jax.shard_map`` (see :func:`samtx.sam_perturbation`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -232,7 +255,9 @@ def lightsam(
   _check_learning_rate(learning_rate, "lightsam")
   return optax.chain(
       perturbations.lightsam_perturbation(
-          rho, variant=variant, b1=b1, b2=b2, eps=eps, axis_name=axis_name),
-      moments.lightsam_preconditioner(variant, b1=b1, b2=b2, eps=eps),
+          rho, variant=variant, b1=b1, b2=b2, eps=eps, axis_name=axis_name,
+          norm_axis_name=norm_axis_name),
+      moments.lightsam_preconditioner(variant, b1=b1, b2=b2, eps=eps,
+                                      norm_axis_name=norm_axis_name),
       optax.scale_by_learning_rate(learning_rate),
   )

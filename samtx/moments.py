@@ -7,6 +7,8 @@ very same preconditioners to its ascent step, so they are written once here.
 
 Statistics are kept in float32 for bfloat16/float16 leaves (and in float64
 for float64 leaves); the scaled update is cast back to the gradient's dtype.
+Complex leaves follow optax's convention: second moments and norms use the
+real ``|z|^2 = z conj(z)``, never ``z^2``.
 No epsilon is added to a denominator: every accumulator starts at
 ``eps**2`` instead, which keeps a zero gradient finite (``0 / eps``).
 """
@@ -89,10 +91,23 @@ def scale_by_amsgrad(
     u_t = m_t / \sqrt{\hat v_t}
 
   with :math:`m_{-1} = v_{-1} = 0`, :math:`\hat v_{-1} = \epsilon^2` and no
-  epsilon in the denominator. ``delayed=True`` divides by
-  :math:`\sqrt{\hat v_{t-1}}` instead (the delayed second moment of the AdaSAM
-  analysis: the step size does not depend on the current gradient); on the
-  first step, where no previous moment exists, it uses :math:`\hat v_0`.
+  epsilon in the denominator (:math:`h^2` is :math:`|h|^2` for complex
+  leaves). This is AdaSAM's Algorithm 1 and the default.
+
+  ``delayed=True`` is **experimental**: the *analysis* form of the AdaSAM
+  proof, not its Algorithm 1 and not recommended for training. It divides
+  by the previous running maximum, so the step size does not depend on the
+  current gradient, per coordinate:
+
+  .. math::
+    u_t = m_t / \sqrt{d_t},\quad d_t = \begin{cases}
+      \hat v_{t-1} & \hat v_{t-1} > \epsilon^2 \\
+      \hat v_t & \text{otherwise (no history yet, e.g. step 0)}
+    \end{cases}
+
+  Dividing by :math:`\hat v_{t-1} = \epsilon^2` alone would step by
+  :math:`(1-\beta_1)|h|/\epsilon` the first time a coordinate with an
+  all-zero history (a dead ReLU unit) moves, which diverges.
 
   This differs from ``optax.scale_by_amsgrad``, which bias-corrects ``m`` and
   ``v`` and adds ``eps`` outside the square root.
@@ -101,7 +116,7 @@ def scale_by_amsgrad(
     b1: decay of the first moment, in ``[0, 1)``.
     b2: decay of the second moment, in ``[0, 1)``.
     eps: ``> 0``; ``eps**2`` is the initial running maximum.
-    delayed: use the previous step's running maximum in the denominator.
+    delayed: experimental analysis form (see above); not Algorithm 1.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -124,22 +139,24 @@ def scale_by_amsgrad(
   _check_moment_args(who, b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):
+    _common.check_float_leaves(params, who)
     # Separate buffers for mu and nu: a shared one cannot be donated twice.
     return ScaleByAmsgradState(
         count=jnp.zeros([], jnp.int32),
         mu=_common.full_like_stat(params, 0.0),
-        nu=_common.full_like_stat(params, 0.0),
-        nu_max=_common.full_like_stat(params, jnp.square(eps)))
+        nu=_common.full_like_stat(params, 0.0, real=True),
+        nu_max=_common.second_moments_like(params, eps))
 
   def update_fn(updates, state, params=None):
     del params
     mu = _common.ema(state.mu, updates, b1)
-    nu = _common.ema(state.nu, jax.tree.map(jnp.square, _common.to_stat(updates)), b2)
+    nu = _common.ema(state.nu, jax.tree.map(_common.sq_stat, updates), b2)
     nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
     if delayed:
-      first = state.count == 0
-      denominator = jax.tree.map(
-          lambda new, prev: jnp.where(first, new, prev), nu_max, state.nu_max)
+      def delayed_denominator(new, prev):
+        has_history = prev > _common.initial_second_moment(eps, prev.dtype)
+        return jnp.where(has_history, prev, new)
+      denominator = jax.tree.map(delayed_denominator, nu_max, state.nu_max)
     else:
       denominator = nu_max
     new_updates = _precondition(mu, denominator, updates)
@@ -154,7 +171,11 @@ class ScaleByAdagradNormState(NamedTuple):
   sum_of_squares: jax.Array
 
 
-def scale_by_adagrad_norm(eps: float = 1e-8) -> optax.GradientTransformation:
+def scale_by_adagrad_norm(
+    eps: float = 1e-8,
+    *,
+    norm_axis_name=None,
+) -> optax.GradientTransformation:
   r"""Rescales updates by AdaGrad-Norm (one scalar step size for the tree).
 
   .. math::
@@ -166,6 +187,9 @@ def scale_by_adagrad_norm(eps: float = 1e-8) -> optax.GradientTransformation:
 
   Args:
     eps: ``> 0``; ``eps**2`` is the initial accumulator.
+    norm_axis_name: mesh axis name(s) the parameters are sharded over inside
+      ``jax.shard_map``; the squared norm sums the blocks over them (see
+      :func:`samtx.sam_perturbation`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -183,19 +207,23 @@ def scale_by_adagrad_norm(eps: float = 1e-8) -> optax.GradientTransformation:
     minimization, https://arxiv.org/abs/2505.24399
     Ward et al., 2019, AdaGrad stepsizes, https://arxiv.org/abs/1806.01811
   """
-  _check_moment_args("scale_by_adagrad_norm", eps=eps)
+  who = "scale_by_adagrad_norm"
+  _check_moment_args(who, eps=eps)
+  _common.check_axis_names("norm_axis_name", norm_axis_name, who)
 
   def init_fn(params):
-    return ScaleByAdagradNormState(sum_of_squares=jnp.full(
-        [], jnp.square(eps), _common.tree_stat_dtype(params)))
+    _common.check_float_leaves(params, who)
+    return ScaleByAdagradNormState(sum_of_squares=_common.initial_second_moment(
+        eps, _common.tree_stat_dtype(params)))
 
   def update_fn(updates, state, params=None):
     del params
     total = state.sum_of_squares + _common.global_sq_norm(
-        updates, state.sum_of_squares.dtype)
+        updates, state.sum_of_squares.dtype, norm_axis_name)
     root = jnp.sqrt(total)
     new_updates = jax.tree.map(
-        lambda h: (h.astype(total.dtype) / root).astype(h.dtype), updates)
+        lambda h: (h.astype(_common.stat_dtype(h.dtype)) / root).astype(
+            h.dtype), updates)
     return new_updates, ScaleByAdagradNormState(sum_of_squares=total)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -237,17 +265,18 @@ def scale_by_adagrad(eps: float = 1e-8) -> optax.GradientTransformation:
     Duchi et al., 2011, Adaptive subgradient methods,
     https://jmlr.org/papers/v12/duchi11a.html
   """
-  _check_moment_args("scale_by_adagrad", eps=eps)
+  who = "scale_by_adagrad"
+  _check_moment_args(who, eps=eps)
 
   def init_fn(params):
+    _common.check_float_leaves(params, who)
     return ScaleByAdagradState(
-        sum_of_squares=_common.full_like_stat(params, jnp.square(eps)))
+        sum_of_squares=_common.second_moments_like(params, eps))
 
   def update_fn(updates, state, params=None):
     del params
     sums = jax.tree.map(
-        lambda v, h: v + jnp.square(h.astype(v.dtype)),
-        state.sum_of_squares, updates)
+        lambda v, h: v + _common.sq_stat(h), state.sum_of_squares, updates)
     new_updates = _precondition(
         _common.to_stat(updates), sums, updates)
     return new_updates, ScaleByAdagradState(sum_of_squares=sums)
@@ -296,17 +325,19 @@ def scale_by_adam_uncorrected(
     Cheng et al., 2025, LightSAM: Parameter-agnostic sharpness-aware
     minimization, https://arxiv.org/abs/2505.24399
   """
-  _check_moment_args("scale_by_adam_uncorrected", b1=b1, b2=b2, eps=eps)
+  who = "scale_by_adam_uncorrected"
+  _check_moment_args(who, b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):
+    _common.check_float_leaves(params, who)
     return ScaleByAdamUncorrectedState(
         mu=_common.full_like_stat(params, 0.0),
-        nu=_common.full_like_stat(params, jnp.square(eps)))
+        nu=_common.second_moments_like(params, eps))
 
   def update_fn(updates, state, params=None):
     del params
     mu = _common.ema(state.mu, updates, b1)
-    nu = _common.ema(state.nu, jax.tree.map(jnp.square, _common.to_stat(updates)), b2)
+    nu = _common.ema(state.nu, jax.tree.map(_common.sq_stat, updates), b2)
     return _precondition(mu, nu, updates), ScaleByAdamUncorrectedState(
         mu=mu, nu=nu)
 
@@ -322,6 +353,7 @@ def lightsam_preconditioner(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    norm_axis_name=None,
 ) -> optax.GradientTransformation:
   """The preconditioner LightSAM uses for both its ascent and descent steps.
 
@@ -331,6 +363,8 @@ def lightsam_preconditioner(
     b1: first-moment decay of the ``"adam"`` form (ignored otherwise).
     b2: second-moment decay of the ``"adam"`` form (ignored otherwise).
     eps: ``> 0``; accumulators start at ``eps**2``.
+    norm_axis_name: model axes for ``"adagrad_norm"``'s global norm (see
+      :func:`scale_by_adagrad_norm`; the per-coordinate forms need none).
 
   Returns:
     :func:`scale_by_adagrad_norm`, :func:`scale_by_adagrad` or
@@ -344,7 +378,7 @@ def lightsam_preconditioner(
     >>> tx = samtx.lightsam_preconditioner("adagrad")
   """
   if variant == "adagrad_norm":
-    return scale_by_adagrad_norm(eps)
+    return scale_by_adagrad_norm(eps, norm_axis_name=norm_axis_name)
   if variant == "adagrad":
     return scale_by_adagrad(eps)
   if variant == "adam":

@@ -57,17 +57,24 @@ def _reject_masked(params, who: str) -> None:
         " optax.masked(optax.set_to_zero(), frozen), optax.sgd(lr)).")
 
 
+def check_axis_arguments(who: str, axis_name, norm_axis_name) -> None:
+  """Validates the data axis and the model axes of a perturbation."""
+  if axis_name is not None and not isinstance(axis_name, str):
+    raise TypeError(f"{who}: axis_name must be a str or None, got {axis_name!r}.")
+  _common.check_axis_names("norm_axis_name", norm_axis_name, who)
+
+
 def _two_pass(
     who: str,
     rho,
     axis_name: Optional[str],
     init_inner: Callable[[Any], Any],
     ascent: AscentRule,
+    norm_axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a two-pass transform from an ascent rule (shared bookkeeping)."""
   _common.check_scalar("rho", rho, low=0.0, allow_schedule=True, who=who)
-  if axis_name is not None and not isinstance(axis_name, str):
-    raise TypeError(f"{who}: axis_name must be a str or None, got {axis_name!r}.")
+  check_axis_arguments(who, axis_name, norm_axis_name)
 
   def init_fn(params):
     _common.check_float_leaves(params, who)
@@ -102,6 +109,7 @@ def sam_perturbation(
     eta: float = 0.0,
     eps: float = 1e-12,
     axis_name: Optional[str] = None,
+    norm_axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAM / ASAM ascent: the gradient at the worst point of a rho-ball.
 
@@ -129,6 +137,12 @@ def sam_perturbation(
       axis (``jax.lax.pmean``). The ascent direction uses the ``grads`` the
       caller passes: per-device gradients give per-device perturbations
       (m-sharpness), already-averaged ones one global perturbation.
+    norm_axis_name: mesh axis name(s) the *parameters* are sharded over
+      inside ``jax.shard_map`` (tensor parallelism, FSDP). Every global norm
+      then sums the per-block partials over those axes for the leaves that
+      vary over them (replicated leaves are counted once), so the
+      perturbation equals the unsharded one. Ignored outside ``shard_map``,
+      where XLA already reduces across shards.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
@@ -164,19 +178,19 @@ def sam_perturbation(
           lambda x, g: jnp.abs(x.astype(g.dtype)) + eta, params, grads)
       weighted = jax.tree.map(jnp.multiply, scales, grads)
       direction = jax.tree.map(jnp.multiply, scales, weighted)
-      denominator = _common.global_norm(weighted, dtype)
+      denominator = _common.global_norm(weighted, dtype, norm_axis_name)
     else:
       direction = grads
-      denominator = _common.global_norm(grads, dtype)
+      denominator = _common.global_norm(grads, dtype, norm_axis_name)
     step = rho_t / (denominator + eps)
     perturbation = jax.tree.map(lambda d: d * step, direction)
     # SAM's perturbation norm is known without a second reduction.
-    norm = (step * _common.global_norm(direction, dtype) if adaptive
-            else step * denominator)
+    norm = (step * _common.global_norm(direction, dtype, norm_axis_name)
+            if adaptive else step * denominator)
     return perturbation, norm, inner
 
   return _two_pass(who, rho, axis_name, lambda params: optax.EmptyState(),
-                   ascent)
+                   ascent, norm_axis_name)
 
 
 def lightsam_perturbation(
@@ -187,6 +201,7 @@ def lightsam_perturbation(
     b2: float = 0.999,
     eps: float = 1e-8,
     axis_name: Optional[str] = None,
+    norm_axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LightSAM ascent: a preconditioned, self-sizing perturbation.
 
@@ -213,6 +228,8 @@ def lightsam_perturbation(
     b2: second-moment decay of the ``"adam"`` variant, in ``[0, 1)``.
     eps: ``> 0``; accumulators start at ``eps**2``.
     axis_name: as in :func:`sam_perturbation`.
+    norm_axis_name: as in :func:`sam_perturbation` (LightSAM-I's scalar
+      accumulator and the reported norm are global).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
@@ -235,14 +252,15 @@ def lightsam_perturbation(
   """
   who = "lightsam_perturbation"
   preconditioner = moments.lightsam_preconditioner(
-      variant, b1=b1, b2=b2, eps=eps)
+      variant, b1=b1, b2=b2, eps=eps, norm_axis_name=norm_axis_name)
 
   def ascent(grads, inner, params, rho_t):
     del params
     direction, inner = preconditioner.update(grads, inner)
     direction = _common.to_stat(direction)
     perturbation = jax.tree.map(lambda d: d * rho_t, direction)
-    norm = rho_t * _common.global_norm(direction)
+    norm = rho_t * _common.global_norm(direction, None, norm_axis_name)
     return perturbation, norm, inner
 
-  return _two_pass(who, rho, axis_name, preconditioner.init, ascent)
+  return _two_pass(who, rho, axis_name, preconditioner.init, ascent,
+                   norm_axis_name)

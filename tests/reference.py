@@ -69,19 +69,22 @@ class AdamForm:
 
 class AMSGrad:
   def __init__(self, xs, eps, b1=0.9, b2=0.999, delayed=False):
-    self.b1, self.b2, self.delayed = b1, b2, delayed
+    self.b1, self.b2, self.delayed, self.eps = b1, b2, delayed, eps
     self.m = [np.zeros(np.shape(x)) for x in xs]
     self.v = [np.zeros(np.shape(x)) for x in xs]
     self.vhat = [np.full(np.shape(x), eps ** 2) for x in xs]
-    self.t = 0
 
   def __call__(self, hs):
     self.m = [self.b1 * m + (1 - self.b1) * h for m, h in zip(self.m, hs)]
     self.v = [self.b2 * v + (1 - self.b2) * h * h for v, h in zip(self.v, hs)]
     prev = self.vhat
     self.vhat = [np.maximum(p, v) for p, v in zip(prev, self.v)]
-    denom = self.vhat if (not self.delayed or self.t == 0) else prev
-    self.t += 1
+    if self.delayed:
+      # Previous vhat where a coordinate has history, else this step's.
+      denom = [np.where(p > self.eps ** 2, p, vh)
+               for p, vh in zip(prev, self.vhat)]
+    else:
+      denom = self.vhat
     return [m / np.sqrt(d) for m, d in zip(self.m, denom)]
 
 
@@ -140,6 +143,31 @@ def lightsam_run(problem, steps, lr, rho, variant, *, eps=1e-8, b1=0.9,
   return run_two_pass(
       problem, steps, lr,
       lambda xs, gs: [rho * d for d in ascent_rule(gs)], descent_rule)
+
+
+def msam_adamw_run(problem, steps, lr, rho, *, b1=0.9, b2=0.999, eps=1e-8,
+                   weight_decay=1e-2):
+  """The official AdamW_MSAM recurrence; returns (held x~, clean x) per step."""
+  x = [np.array(v, np.float64) for v in problem.x0]
+  m = [np.zeros_like(xi) for xi in x]
+  v = [np.zeros_like(xi) for xi in x]
+  c = 0.0
+  held = [xi.copy() for xi in x]
+  out = []
+  for t in range(1, steps + 1):
+    g = problem.grad(held)
+    x = [h + c * mi for h, mi in zip(held, m)]
+    m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+    v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
+    step_size = lr / (1 - b1 ** t)
+    denom_scale = np.sqrt(1 - b2 ** t)
+    x = [xi - step_size * mi / (np.sqrt(vi) / denom_scale + eps)
+         for xi, mi, vi in zip(x, m, v)]
+    x = [xi * (1 - lr * weight_decay) for xi in x]
+    c = rho / (norm(m) + 1e-12)
+    held = [xi - c * mi for xi, mi in zip(x, m)]
+    out.append((held, x))
+  return out
 
 
 def msam_run(problem, steps, lr, rho, *, momentum=0.9, nesterov=False):

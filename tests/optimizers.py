@@ -1,0 +1,51 @@
+"""Every samtx alias under test, once: the list the generic suites iterate.
+
+Each entry names a factory and the keyword arguments to build it with, so a
+suite can also rebuild it through ``optax.inject_hyperparams``. ``two_pass``
+says whether ``update`` needs ``grad_fn``. The arguments are chosen so each
+optimizer converges on the small targets of ``test_common_suite.py``.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict
+
+import samtx
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  factory: Callable[..., Any]
+  kwargs: Dict[str, Any]
+  two_pass: bool
+
+  def make(self, **overrides):
+    return self.factory(**{**self.kwargs, **overrides})
+
+
+CASES = {
+    "sam": Case(samtx.sam, dict(learning_rate=0.05, rho=0.05), True),
+    "sam_momentum": Case(
+        samtx.sam, dict(learning_rate=0.02, rho=0.05, momentum=0.9), True),
+    "sam_nesterov": Case(samtx.sam, dict(
+        learning_rate=0.02, rho=0.05, momentum=0.9, nesterov=True), True),
+    "asam": Case(samtx.sam, dict(
+        learning_rate=0.05, rho=0.05, adaptive=True, eta=0.01), True),
+    "adasam": Case(samtx.adasam, dict(learning_rate=0.01, rho=0.02), True),
+    "adasam_delayed": Case(samtx.adasam, dict(
+        learning_rate=0.01, rho=0.02, delayed=True), True),
+    "amsgrad": Case(samtx.amsgrad, dict(learning_rate=0.01), False),
+    "amsgrad_delayed": Case(
+        samtx.amsgrad, dict(learning_rate=0.01, delayed=True), False),
+    "lightsam_I": Case(samtx.lightsam, dict(
+        learning_rate=1.0, rho=0.05, variant="adagrad_norm"), True),
+    "lightsam_II": Case(samtx.lightsam, dict(
+        learning_rate=1.0, rho=0.05, variant="adagrad"), True),
+    "lightsam_III": Case(samtx.lightsam, dict(
+        learning_rate=0.01, rho=0.02, variant="adam"), True),
+    "msam": Case(samtx.msam, dict(learning_rate=0.02, rho=0.05), False),
+    "msam_adamw": Case(samtx.msam_adamw, dict(
+        learning_rate=0.01, rho=0.02, weight_decay=0.0), False),
+}
+
+NEEDS_PARAMS = {name for name, case in CASES.items() if case.two_pass} | {
+    "msam_adamw"}
