@@ -48,7 +48,9 @@ def optimizers(**axes):
       "lightsam_I": samtx.lightsam(LR, RHO, **axes),
       "lightsam_II": samtx.lightsam(LR, RHO, variant="adagrad", **axes),
       "lightsam_III": samtx.lightsam(0.01, RHO, variant="adam", **axes),
-      "msam": samtx.msam(LR, RHO),
+      # one pass: no perturbed gradient to average over a data axis
+      "msam": samtx.msam(LR, RHO, momentum=0.9, **{
+          k: v for k, v in axes.items() if k == "norm_axis_name"}),
   }
 
 
@@ -143,7 +145,74 @@ def compute_jit_layouts():
   return out
 
 
+def compute_tensor_parallel():
+  """shard_map_step with tensor-parallel blocks (norm_axis_name='model') on a
+  2x4 ('data', 'model') mesh, global perturbation, float32 and float64."""
+  out = {}
+  for dtype in (jnp.float32, jnp.float64):
+    with jax.enable_x64(dtype == jnp.float64):
+      tag = jnp.dtype(dtype).name
+      params, batch = problem(dtype)
+      mesh = mesh_2x4()
+      sharded = optimizers(axis_name="data", norm_axis_name="model")
+      for name, opt in optimizers().items():
+        out.update(flat(f"ref/{tag}/{name}", unsharded_run(opt, params, batch)))
+        tp_opt = sharded[name]
+        step = par.shard_map_step(tp_loss, tp_opt, mesh, axis_name="data",
+                                  param_specs=TP, m_sharpness=False)
+        p = par.shard(params, mesh, TP)
+        s = par.init_sharded(tp_opt, p, mesh)
+        batch_on_mesh = par.shard_batch(batch, mesh, "data")
+        try:
+          for _ in range(STEPS):
+            p, s, _ = step(p, s, batch_on_mesh)
+        except ValueError as err:  # reported by the test of this optimizer
+          out[f"error/{tag}/{name}"] = np.array(str(err)[:1500])
+          continue
+        out.update(flat(f"run/{tag}/{name}", samtx.unperturb(p, s)))
+        out.update(spec_strings(f"spec/{tag}/{name}", p))
+      # Control: without norm_axis_name each device would perturb with its
+      # own block's norm; the step refuses to run (replicated leaves would
+      # drift apart) and names the fix.
+      opt = samtx.sam(LR, RHO, axis_name="data")
+      try:
+        par.shard_map_step(tp_loss, opt, mesh, axis_name="data",
+                           param_specs=TP)(
+            par.shard(params, mesh, TP), opt.init(params),
+            par.shard_batch(batch, mesh, "data"))
+        out[f"control/{tag}"] = np.array("ran")
+      except ValueError as err:
+        out[f"control/{tag}"] = np.array(str(err)[:400])
+  return out
+
+
+def compute_init_shardings():
+  """Every alias's init on FSDP+TP params, eager and under jit."""
+  from tests.optimizers import CASES  # the alias list of the generic suites
+  params, _ = problem()
+  mesh = mesh_2x4()
+  sharded = par.shard(params, mesh, LAYOUTS["fsdp_tp"])
+  out = {}
+  for name, case in CASES.items():
+    opt = case.make()
+    for how in ("eager", "jit"):
+      if how == "eager":
+        state = opt.init(sharded)
+      else:  # jit over Explicit-axes arrays needs the mesh in context
+        with jax.set_mesh(mesh):
+          state = jax.jit(opt.init)(sharded)
+      for k, v in jax.tree_util.tree_leaves_with_path(state):
+        key = f"{name}/{how}/{jax.tree_util.keystr(k)}"
+        out[f"spec/{key}"] = np.array(str(v.sharding.spec)
+                                      if hasattr(v.sharding, "spec") else "")
+        out[f"shape/{key}"] = np.array(v.shape)
+        out[f"devices/{key}"] = np.array(len(v.sharding.device_set))
+  return out
+
+
+# ----------------------------------------------------------------------------
 # model state, dropout keys and aux metrics through the parallel steps
+# ----------------------------------------------------------------------------
 
 KEEP = 0.7
 
@@ -338,3 +407,54 @@ def test_model_state_rng_and_aux_through_parallel_steps(model_state_runs, tag):
   if not tag.startswith("pmap"):
     assert model_state_runs[f"spread/{tag}"] == 0.0
   assert model_state_runs["fold_gap"] > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel():
+  return fresh_process.run("tests.test_sharded", "compute_tensor_parallel")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_parallel_shard_map_equals_unsharded_run(tensor_parallel, name,
+                                                        dtype):
+  """Parameter blocks inside shard_map (column/row-parallel MLP over
+  'model', batch over 'data') with norm_axis_name='model' give the
+  unsharded single-device numbers; the params keep their TP layout."""
+  error = tensor_parallel.get(f"error/{dtype}/{name}")
+  assert error is None, str(error)
+  tol = ({"rtol": 1e-9, "atol": 1e-9} if dtype == "float64"
+         else {"rtol": 1e-5, "atol": 1e-5 if name == "lightsam_II" else 1e-6})
+  _leaves_close(tensor_parallel, f"run/{dtype}/{name}", f"ref/{dtype}/{name}",
+                **tol)
+  for leaf, spec in TP.items():
+    assert normalized(tensor_parallel[f"spec/{dtype}/{name}/['{leaf}']"]) == (
+        normalized(spec))
+  assert "norm_axis_name" in str(tensor_parallel[f"control/{dtype}"])
+
+
+@pytest.fixture(scope="module")
+def init_shardings():
+  return fresh_process.run("tests.test_sharded", "compute_init_shardings")
+
+
+def test_every_alias_init_keeps_parameter_shardings(init_shardings):
+  """opt.init on FSDP+TP params, eager and jitted: every parameter-shaped
+  state leaf has its parameter's sharding (the four parameter shapes differ,
+  so the shape names the parameter)."""
+  from tests.optimizers import CASES
+  params, _ = problem()
+  spec_of_shape = {params[k].shape: normalized(v)
+                   for k, v in LAYOUTS["fsdp_tp"].items()}
+  for name in CASES:
+    for how in ("eager", "jit"):
+      keys = [k for k in init_shardings if k.startswith(f"spec/{name}/{how}/")]
+      assert keys, name
+      param_shaped = 0
+      for key in keys:
+        shape = tuple(init_shardings[key.replace("spec/", "shape/", 1)])
+        if shape in spec_of_shape:
+          param_shaped += 1
+          assert normalized(init_shardings[key]) == spec_of_shape[shape], key
+          assert init_shardings[key.replace("spec/", "devices/", 1)] == 8, key
+      assert param_shaped or name in ("sam", "asam", "lightsam_I"), name
