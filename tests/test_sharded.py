@@ -15,13 +15,13 @@ All runs happen in one fresh process (``tests/fresh_process.py``); the
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 import samtx
 from samtx import parallel as par
 from tests import fresh_process
+from tests import helpers
 
 B, DIN, H, C = 32, 8, 16, 4
 LR, RHO = 0.05, 0.1
@@ -82,17 +82,9 @@ def tp_loss(params, batch):
 
 def unsharded_run(opt, params, batch, steps=STEPS):
   """The reference: plain jax.jit on one device, the whole batch."""
-  grad_fn = jax.grad(lambda p: mlp_loss(p, batch))
-
-  @jax.jit
-  def step(p, s):
-    updates, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn)
-    return optax.apply_updates(p, updates), s
-
-  state = opt.init(params)
-  for _ in range(steps):
-    params, state = step(params, state)
-  return samtx.unperturb(params, state)
+  trajectory, state = helpers.run(opt, lambda p: mlp_loss(p, batch), params,
+                                  steps)
+  return samtx.unperturb(trajectory[-1], state)
 
 
 def mesh_2x4(kind=AxisType.Explicit):
