@@ -89,7 +89,7 @@ def _sharded_axes(leaf, norm_axis_name) -> tuple:
     return ()
   names = ((norm_axis_name,) if isinstance(norm_axis_name, str)
            else tuple(norm_axis_name))
-  varying = getattr(jax.typeof(leaf), "vma", frozenset())
+  varying: frozenset = getattr(jax.typeof(leaf), "vma", frozenset())
   return tuple(name for name in names if name in varying)
 
 
@@ -100,7 +100,7 @@ def tree_sum(partials, norm_axis_name=None, dtype=None) -> jax.Array:
   its local scalar. Partials that vary over the same model axes are added
   first, so there is one ``psum`` per distinct set of axes, not per leaf.
   """
-  groups = {}
+  groups: dict = {}
   for leaf, partial in partials:
     axes = _sharded_axes(leaf, norm_axis_name)
     groups[axes] = groups.get(axes, 0) + partial.astype(dtype)

@@ -33,10 +33,16 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from flax import struct
-from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
-from flax.training import train_state
+try:
+  from flax import nnx
+  from flax import struct
+  from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
+  from flax.training import train_state
+except ImportError as error:
+  # Flax is an optional extra: the core `import samtx` does not need it.
+  raise ImportError(
+      "samtx.flax needs Flax, which is an optional dependency of samtx: "
+      "install it with `pip install 'samtx[flax]'`.") from error
 
 from samtx import _common
 from samtx import parallel as _parallel

@@ -10,7 +10,7 @@ persistent state is the base optimizer's plus two scalars.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
