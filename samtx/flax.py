@@ -12,6 +12,10 @@ SAM-specific details right:
 * **MSAM**: the weights a training loop holds carry the perturbation;
   :func:`eval_params`, :func:`eval_variables` and :func:`eval_model` return the
   weights to evaluate or export (via :func:`samtx.unperturb`).
+* **Several devices**: with ``mesh=`` (or ``axis_name=`` inside your own
+  ``shard_map``/``pmap``) the step builders train data-parallel: per-device
+  dropout keys, BatchNorm statistics averaged over devices (identical copies
+  everywhere), m-sharpness or one global perturbation, averaged metrics.
 * **Metrics for free**: :func:`make_train_step` and
   :func:`make_nnx_train_step` return the loss at the held weights, the loss
   at the perturbed point and the perturbation norm while running exactly the
