@@ -109,7 +109,7 @@ def per_device_bytes(tree, specs, mesh) -> int:
 
 
 def benchmark(args) -> dict:
-  width, layers, batch_size = ((256, 4, 64) if args.quick else (1024, 6, 256))
+  width, layers, batch_size = ((256, 4, 64) if args.quick else (512, 4, 128))
   mesh = jax.make_mesh((2, 4), ("data", "model"),
                        axis_types=(AxisType.Explicit,) * 2)
   params = mlp(width, layers)
@@ -254,7 +254,55 @@ def lightsam_ii_study() -> dict:
                    "f32_unsharded_vs_f64": gap(f32, f64),
                    "f64_fsdp_vs_unsharded": gap(f64_fsdp, f64)})
       print(rows[-1], flush=True)
-  return {"rows": rows}
+  return {"rows": rows, "zero_gradient_coordinate": zero_gradient_coordinate()}
+
+
+def zero_gradient_coordinate(seeds=range(4)) -> list:
+  """LightSAM-II's first ascent on a coordinate whose exact gradient is 0.
+
+  Least squares with ``w = 0``: the gradient of ``w_0`` is
+  ``-2/n sum_i y_i X_i0``, and ``X_i0 = s_i / y_i`` with ``s`` in ``+u, -u``
+  pairs makes that sum exactly 0; float32 leaves rounding noise whose size
+  and sign depend on the reduction order (one device vs 8 batch shards).
+  """
+  n, d = 256, 8
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+
+  def lsq(w, batch):
+    inputs, targets = batch
+    return jnp.mean((inputs @ w - targets) ** 2)
+
+  rows = []
+  for seed in seeds:
+    rng = np.random.default_rng(seed)
+    targets, inputs = rng.normal(size=n), rng.normal(size=(n, d))
+    pairs = 30 * rng.normal(size=n // 2)
+    inputs[:, 0] = np.stack([pairs, -pairs], 1).ravel() / targets
+    row = {"seed": seed}
+    for dtype in (jnp.float32, jnp.float64):
+      with jax.enable_x64(dtype == jnp.float64):
+        batch = (jnp.asarray(inputs, dtype), jnp.asarray(targets, dtype))
+        w = jnp.zeros(d, dtype)
+        grads = {
+            "1 device": jax.jit(jax.grad(lsq))(w, batch),
+            "8 shards": jax.jit(jax.grad(lsq))(
+                par.shard(w, mesh, P()), par.shard_batch(batch, mesh, "data"))}
+        for eps in (1e-8, 1e-4):
+          ascent = samtx.lightsam_perturbation(RHO, variant="adagrad", eps=eps)
+          for where, g in grads.items():
+            seen = {}
+
+            def grad_fn(p, g=g, seen=seen):
+              seen["e"] = p - w  # the perturbation the ascent chose
+              return g
+
+            ascent.update(g, ascent.init(w), w, grad_fn=grad_fn)
+            tag = f"{jnp.dtype(dtype).name} eps={eps:g} {where}"
+            row[f"{tag} g0"] = float(g[0])
+            row[f"{tag} e0"] = float(seen["e"][0])
+    rows.append(row)
+    print(row, flush=True)
+  return rows
 
 
 def lightsam_ii_markdown(result: dict, info: dict) -> str:
@@ -268,7 +316,25 @@ def lightsam_ii_markdown(result: dict, info: dict) -> str:
   return ("# How far float32 rounding carries a run (max |param difference|)\n\n"
           "tanh MLP 64-32-10 on 256 digits images, full batch, rho = 0.05, "
           f"8 CPU devices (FSDP over 'data'); jax {info['jax']}, "
-          f"{info['date_utc']}.\n\n" + _timing.md_table(header, table) + "\n")
+          f"{info['date_utc']}.\n\n" + _timing.md_table(header, table) + "\n"
+          + zero_gradient_markdown(result["zero_gradient_coordinate"]))
+
+
+def zero_gradient_markdown(rows) -> str:
+  header = ["seed"] + [f"{dt} eps={eps:g}: g0, e0 (1 device / 8 shards)"
+                       for dt in ("float32", "float64") for eps in (1e-8, 1e-4)]
+  table = []
+  for row in rows:
+    cells = [row["seed"]]
+    for dt in ("float32", "float64"):
+      for eps in (1e-8, 1e-4):
+        tag = f"{dt} eps={eps:g}"
+        cells.append(
+            f"{row[f'{tag} 1 device g0']:+.1e} / {row[f'{tag} 8 shards g0']:+.1e};"
+            f" {row[f'{tag} 1 device e0']:+.4f} / {row[f'{tag} 8 shards e0']:+.4f}")
+    table.append(cells)
+  return ("\n## First ascent on a coordinate with exact gradient 0 (rho = 0.05)"
+          "\n\n" + _timing.md_table(header, table) + "\n")
 
 
 def main(argv=None):
@@ -281,7 +347,7 @@ def main(argv=None):
   parser.add_argument("--inner", type=int, default=None)
   parser.add_argument("--out", default=None, help="results prefix")
   args = parser.parse_args(argv)
-  args.repeats = args.repeats or (5 if args.quick else 9)
+  args.repeats = args.repeats or (5 if args.quick else 7)
   args.inner = args.inner or (3 if args.quick else 5)
   info = _timing.machine_info()
   backend = jax.default_backend()
