@@ -19,27 +19,15 @@ parameters (gathered to the host) to OUT.npz.
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-PROCESS_ID, NUM_PROCESSES, PORT = (int(a) for a in sys.argv[1:4])
-OUT = sys.argv[4]
+import samtx
+from samtx import parallel as par
+
 DEVICES = 8
-
-jax.config.update("jax_num_cpu_devices", DEVICES // NUM_PROCESSES)
-if NUM_PROCESSES > 1:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-      coordinator_address=f"127.0.0.1:{PORT}", num_processes=NUM_PROCESSES,
-      process_id=PROCESS_ID, initialization_timeout=60,
-      heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
-
-import jax.numpy as jnp  # noqa: E402  (after the device configuration)
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-import samtx  # noqa: E402
-from samtx import parallel as par  # noqa: E402
-
 GLOBAL_BATCH, DIN, HIDDEN, STEPS = 32, 6, 16, 3
 
 
@@ -67,7 +55,21 @@ def local_rows(batch):
   return jax.tree.map(lambda a: a[start:start + rows], batch)
 
 
-def main():
+def start(process_id: int, num_processes: int, port: int) -> None:
+  """Configures this process's devices and joins the job (before any JAX
+  computation: the device count is fixed when the backend starts)."""
+  jax.config.update("jax_num_cpu_devices", DEVICES // num_processes)
+  if num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+        process_id=process_id, initialization_timeout=60,
+        heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
+
+
+def main(argv):
+  process_id, num_processes, port = (int(a) for a in argv[:3])
+  start(process_id, num_processes, port)
   assert jax.device_count() == DEVICES, jax.devices()
   mesh = jax.make_mesh((DEVICES,), ("batch",))
   data_sharding = NamedSharding(mesh, P("batch"))
@@ -103,10 +105,10 @@ def main():
     # replicated: this process's copy is the value
     results[f"{name}/loss"] = np.asarray(metrics["loss"].addressable_data(0))
   if jax.process_index() == 0:
-    np.savez(OUT, **results)
+    np.savez(argv[3], **results)
   print(f"process {jax.process_index()} of {jax.process_count()}: done",
         flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])
