@@ -22,6 +22,7 @@ from samtx.msam import unperturb
 from samtx.perturbations import lightsam_perturbation
 from samtx.perturbations import PerturbationState
 from samtx.perturbations import sam_perturbation
+from samtx.wrappers import lookahead
 
 __version__ = "0.1.0"
 
@@ -59,8 +60,9 @@ __all__ = (
     "lightsam",
     "msam",
     "msam_adamw",
-    # guards
+    # guards and wrappers
     "apply_if_finite",
+    "lookahead",
     # one-pass helpers
     "MSAMState",
     "unperturb",

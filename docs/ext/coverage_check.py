@@ -14,14 +14,13 @@ separate builder). It reports one warning per missing entry, so ``make docs``
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 
 # Submodules users import by name; their names are documented under their own
-# path. Core modules (perturbations, moments, aliases, msam, guards) are
-# private in effect: their names are re-exported in samtx.__all__.
-PUBLIC_SUBMODULES = ("parallel", "flax", "sharpness", "wrappers")
+# path. Core modules (perturbations, moments, aliases, msam, guards, wrappers)
+# are private in effect: their names are re-exported in samtx.__all__.
+PUBLIC_SUBMODULES = ("parallel", "flax", "sharpness")
 
 
 def public_names() -> set[str]:
@@ -29,8 +28,6 @@ def public_names() -> set[str]:
   import samtx
   names = {f"samtx.{name}" for name in samtx.__all__}
   for submodule in PUBLIC_SUBMODULES:
-    if importlib.util.find_spec(f"samtx.{submodule}") is None:
-      continue  # e.g. samtx.wrappers before that branch lands
     module = importlib.import_module(f"samtx.{submodule}")
     names |= {f"samtx.{submodule}.{name}" for name in module.__all__}
   return names
