@@ -106,17 +106,23 @@ def spec_strings(prefix, tree):
 # ----------------------------------------------------------------------------
 
 
+# Every rule on the sharded layouts of an Explicit mesh; two rules on every
+# layout of an Auto mesh (replicated parameters on Explicit meshes are
+# covered by test_parallel.py).
+RUNS = ([("Explicit", layout, name) for layout in ("fsdp", "fsdp_tp")
+         for name in NAMES]
+        + [("Auto", layout, name) for layout in LAYOUTS
+           for name in ("sam", "lightsam_II")])
+
+
 def compute_jit_layouts():
   """jit_step on every layout and both axis types, every optimizer."""
   out = {}
   params, batch = problem()
   for name, opt in optimizers().items():
     out.update(flat(f"ref/{name}", unsharded_run(opt, params, batch)))
-  runs = [(kind, layout, name) for kind in (AxisType.Explicit, AxisType.Auto)
-          for layout in LAYOUTS for name in NAMES
-          if kind == AxisType.Explicit or name in ("sam", "lightsam_II")]
-  for kind, layout, name in runs:
-    mesh = mesh_2x4(kind)
+  for kind, layout, name in RUNS:
+    mesh = mesh_2x4(AxisType[kind])
     opt = optimizers()[name]
     p = par.shard(params, mesh, LAYOUTS[layout])
     s = par.init_sharded(opt, p, mesh)
@@ -125,7 +131,7 @@ def compute_jit_layouts():
     first = p
     for _ in range(STEPS):
       p, s, metrics = step(p, s, sharded_batch)
-    tag = f"{kind.name}/{layout}/{name}"
+    tag = f"{kind}/{layout}/{name}"
     out.update(flat(f"run/{tag}", samtx.unperturb(p, s)))
     out.update(spec_strings(f"spec/{tag}", p))
     out.update(spec_strings(f"state_spec/{tag}", s))
@@ -329,23 +335,16 @@ def _leaves_close(results, got, want, **tol):
                                err_msg=f"{got}/{key}", **tol)
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("name", NAMES)
-def test_jit_step_sharded_params_equal_unsharded_run(jit_layouts, layout, name):
-  """FSDP / FSDP+TP / replicated params under jit_step (Explicit mesh) equal
-  the unsharded single-device run, to float32 rounding."""
-  tag = f"Explicit/{layout}/{name}"
+@pytest.mark.parametrize("kind,layout,name", RUNS)
+def test_jit_step_sharded_params_equal_unsharded_run(jit_layouts, kind, layout,
+                                                     name):
+  """FSDP / FSDP+TP / replicated params under jit_step (Explicit and Auto
+  meshes) equal the unsharded single-device run, to float32 rounding."""
+  tag = f"{kind}/{layout}/{name}"
   # LightSAM-II's sign-like first ascent step amplifies reduction-order
   # rounding (docs/guides/sharding.md); three steps stay within 1e-5.
   _leaves_close(jit_layouts, f"run/{tag}", f"ref/{name}", rtol=1e-5,
                 atol=1e-5 if name == "lightsam_II" else 1e-6)
-
-
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("name", ["sam", "lightsam_II"])
-def test_jit_step_on_auto_mesh(jit_layouts, layout, name):
-  _leaves_close(jit_layouts, f"run/Auto/{layout}/{name}",
-                f"run/Explicit/{layout}/{name}", rtol=1e-5, atol=1e-5)
 
 
 def normalized(spec_text) -> P:
@@ -356,8 +355,7 @@ def normalized(spec_text) -> P:
   return P(*entries)
 
 
-@pytest.mark.parametrize("kind", ["Explicit", "Auto"])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("kind,layout", sorted({run[:2] for run in RUNS}))
 def test_jit_step_keeps_param_and_state_shardings(jit_layouts, kind, layout):
   """Outputs are pinned to the input layout (no gather to one device, no
   silent replication); every parameter-shaped state leaf has its
@@ -366,7 +364,9 @@ def test_jit_step_keeps_param_and_state_shardings(jit_layouts, kind, layout):
   params, _ = problem()
   spec_of_shape = {params[k].shape: normalized(v)
                    for k, v in LAYOUTS[layout].items()}
-  for name in (NAMES if kind == "Explicit" else ["sam", "lightsam_II"]):
+  names = [n for k, lay, n in RUNS if (k, lay) == (kind, layout)]
+  assert names
+  for name in names:
     tag = f"{kind}/{layout}/{name}"
     for leaf, spec in LAYOUTS[layout].items():
       assert normalized(jit_layouts[f"spec/{tag}/['{leaf}']"]) == normalized(
