@@ -649,6 +649,20 @@ def compute_flax_multi_device():
                                            "metrics": want}))
     out[f"linen/{mode}/spread"] = _replica_spread(
         (state.batch_stats, state.params))
+  # The per-device body (axis_name, no mesh) under the user's own jax.pmap.
+  from samtx import parallel
+  body = samtx_flax.make_train_step(_linen_loss, axis_name="batch")
+  state = _linen_state(model, samtx.sam(LR, rho=RHO, axis_name="batch"))
+  stacked = parallel.pmap_replicate(state)
+  pmapped = jax.pmap(body, axis_name="batch", in_axes=(0, 0, None),
+                     out_axes=(0, None))
+  for t in range(2):
+    batch = jax.tree.map(lambda a: a.reshape((DEVICES, -1) + a.shape[1:]),
+                         _global_data(t))
+    stacked, metrics = pmapped(stacked, batch, jax.random.fold_in(root, t))
+  out.update(_flat("linen/pmap/run", {
+      "params": parallel.unreplicate(stacked.params),
+      "stats": parallel.unreplicate(stacked.batch_stats), "metrics": metrics}))
   # NNX: BatchNorm + dropout; device k's dropout stream key is folded with k
   make = lambda: NNXNet(nnx.Rngs(0, dropout=5), batch_norm=True, dropout=0.3)
   for mode in ("m", "global"):
@@ -710,6 +724,17 @@ def test_multi_device_step_matches_per_shard_hand_step(multi_device, api, mode):
         multi_device[key.replace("/ref/", "/run/")], multi_device[key],
         err_msg=key, **TOL)
   assert multi_device[f"{api}/{mode}/spread"] == 0.0
+
+
+def test_per_device_body_under_users_pmap_equals_mesh_step(multi_device):
+  """make_train_step(axis_name=...) inside the user's own jax.pmap gives the
+  numbers of the mesh step (m-sharpness), which equal the hand-written step."""
+  keys = [k for k in multi_device if k.startswith("linen/m/ref/")]
+  assert keys
+  for key in keys:
+    np.testing.assert_allclose(
+        multi_device[key.replace("linen/m/ref/", "linen/pmap/run/")],
+        multi_device[key], err_msg=key, **TOL)
 
 
 def test_sharded_cnn_example_runs_small():
