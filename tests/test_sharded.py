@@ -169,6 +169,8 @@ def compute_tensor_parallel():
           continue
         out.update(flat(f"run/{tag}/{name}", samtx.unperturb(p, s)))
         out.update(spec_strings(f"spec/{tag}/{name}", p))
+      if dtype == jnp.float64:
+        out.update(tensor_parallel_m_sharpness(params, batch, mesh))
       # Control: without norm_axis_name each device would perturb with its
       # own block's norm; the step refuses to run (replicated leaves would
       # drift apart) and names the fix.
@@ -181,6 +183,34 @@ def compute_tensor_parallel():
         out[f"control/{tag}"] = np.array("ran")
       except ValueError as err:
         out[f"control/{tag}"] = np.array(str(err)[:400])
+  return out
+
+
+def tensor_parallel_m_sharpness(params, batch, mesh):
+  """TP blocks with per-data-shard perturbations vs jit_step's 2 groups on
+  unsharded parameters (and, as a control, the global perturbation)."""
+  out = {}
+  replicated = {k: P() for k in TP}
+  for name in ("sam", "lightsam_I", "lightsam_III"):
+    runs = {
+        "tp": (par.shard_map_step, tp_loss, TP, dict(m_sharpness=True),
+               optimizers(axis_name="data", norm_axis_name="model")[name]),
+        "groups": (par.jit_step, mlp_loss, replicated,
+                   dict(m_sharpness_groups=2),
+                   optimizers(axis_name="data")[name]),
+    }
+    for tag, (builder, loss, specs, kwargs, opt) in runs.items():
+      step = builder(loss, opt, mesh, axis_name="data", param_specs=specs,
+                     **kwargs)
+      p = par.shard(params, mesh, specs)
+      s = par.init_sharded(opt, p, mesh)
+      try:
+        for _ in range(STEPS):
+          p, s, _ = step(p, s, par.shard_batch(batch, mesh, "data"))
+      except ValueError as err:
+        out[f"error/m_sharpness/{name}"] = np.array(str(err)[:1500])
+        break
+      out.update(flat(f"m_sharpness/{tag}/{name}", p))
   return out
 
 
@@ -423,6 +453,22 @@ def test_tensor_parallel_shard_map_equals_unsharded_run(tensor_parallel, name,
     assert normalized(tensor_parallel[f"spec/{dtype}/{name}/['{leaf}']"]) == (
         normalized(spec))
   assert "norm_axis_name" in str(tensor_parallel[f"control/{dtype}"])
+
+
+@pytest.mark.parametrize("name", ["sam", "lightsam_I", "lightsam_III"])
+def test_tensor_parallel_with_m_sharpness_equals_jit_groups(tensor_parallel,
+                                                           name):
+  """TP blocks inside shard_map with per-data-shard perturbations equal
+  jit_step with 2 perturbation groups on unsharded parameters (float64), and
+  differ from the global-perturbation run (the check sees m-sharpness)."""
+  error = tensor_parallel.get(f"error/m_sharpness/{name}")
+  assert error is None, str(error)
+  _leaves_close(tensor_parallel, f"m_sharpness/tp/{name}",
+                f"m_sharpness/groups/{name}", rtol=1e-9, atol=1e-12)
+  gap = max(np.max(np.abs(tensor_parallel[f"m_sharpness/tp/{name}/['{k}']"]
+                          - tensor_parallel[f"ref/float64/{name}/['{k}']"]))
+            for k in TP)
+  assert gap > 1e-4
 
 
 @pytest.fixture(scope="module")
