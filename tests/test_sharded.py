@@ -214,30 +214,6 @@ def tensor_parallel_m_sharpness(params, batch, mesh):
   return out
 
 
-def compute_init_shardings():
-  """Every alias's init on FSDP+TP params, eager and under jit."""
-  from tests.optimizers import CASES  # the alias list of the generic suites
-  params, _ = problem()
-  mesh = mesh_2x4()
-  sharded = par.shard(params, mesh, LAYOUTS["fsdp_tp"])
-  out = {}
-  for name, case in CASES.items():
-    opt = case.make()
-    for how in ("eager", "jit"):
-      if how == "eager":
-        state = opt.init(sharded)
-      else:  # jit over Explicit-axes arrays needs the mesh in context
-        with jax.set_mesh(mesh):
-          state = jax.jit(opt.init)(sharded)
-      for k, v in jax.tree_util.tree_leaves_with_path(state):
-        key = f"{name}/{how}/{jax.tree_util.keystr(k)}"
-        out[f"spec/{key}"] = np.array(str(v.sharding.spec)
-                                      if hasattr(v.sharding, "spec") else "")
-        out[f"shape/{key}"] = np.array(v.shape)
-        out[f"devices/{key}"] = np.array(len(v.sharding.device_set))
-  return out
-
-
 # ----------------------------------------------------------------------------
 # model state, dropout keys and aux metrics through the parallel steps
 # ----------------------------------------------------------------------------
@@ -412,6 +388,63 @@ def test_jit_step_keeps_param_and_state_shardings(jit_layouts, kind, layout):
     has_param_state = name not in ("asam", "lightsam_I")
     assert (sharded > 0) == (layout != "replicated" and has_param_state), tag
     assert bool(jit_layouts[f"donated/{tag}"])
+
+
+@pytest.fixture(scope="module")
+def model_state_runs():
+  return fresh_process.run("tests.test_sharded", "compute_model_state")
+
+
+@pytest.mark.parametrize("tag", ["shard_map/m", "shard_map/global", "pmap/m",
+                                 "jit/global", "jit/groups"])
+def test_model_state_rng_and_aux_through_parallel_steps(model_state_runs, tag):
+  """Params, averaged model state (int leaves untouched) and averaged aux
+  metrics equal a hand-written per-shard SAM step with per-device keys."""
+  _leaves_close(model_state_runs, f"run/{tag}", f"ref/{tag}", rtol=2e-5,
+                atol=2e-6)
+  if not tag.startswith("pmap"):
+    assert model_state_runs[f"spread/{tag}"] == 0.0
+  assert model_state_runs["fold_gap"] > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel():
+  return fresh_process.run("tests.test_sharded", "compute_tensor_parallel")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_parallel_shard_map_equals_unsharded_run(tensor_parallel, name,
+                                                        dtype):
+  """Parameter blocks inside shard_map (column/row-parallel MLP over
+  'model', batch over 'data') with norm_axis_name='model' give the
+  unsharded single-device numbers; the params keep their TP layout."""
+  error = tensor_parallel.get(f"error/{dtype}/{name}")
+  assert error is None, str(error)
+  tol = ({"rtol": 1e-9, "atol": 1e-9} if dtype == "float64"
+         else {"rtol": 1e-5, "atol": 1e-5 if name == "lightsam_II" else 1e-6})
+  _leaves_close(tensor_parallel, f"run/{dtype}/{name}", f"ref/{dtype}/{name}",
+                **tol)
+  for leaf, spec in TP.items():
+    assert normalized(tensor_parallel[f"spec/{dtype}/{name}/['{leaf}']"]) == (
+        normalized(spec))
+  assert "norm_axis_name" in str(tensor_parallel[f"control/{dtype}"])
+
+
+@pytest.mark.parametrize("name", ["sam", "lightsam_I", "lightsam_III"])
+def test_tensor_parallel_with_m_sharpness_equals_jit_groups(tensor_parallel,
+                                                           name):
+  """TP blocks inside shard_map with per-data-shard perturbations equal
+  jit_step with 2 perturbation groups on unsharded parameters (float64), and
+  differ from the global-perturbation run (the check sees m-sharpness)."""
+  error = tensor_parallel.get(f"error/m_sharpness/{name}")
+  assert error is None, str(error)
+  _leaves_close(tensor_parallel, f"m_sharpness/tp/{name}",
+                f"m_sharpness/groups/{name}", rtol=1e-9, atol=1e-12)
+  gap = max(np.max(np.abs(tensor_parallel[f"m_sharpness/tp/{name}/['{k}']"]
+                          - tensor_parallel[f"ref/float64/{name}/['{k}']"]))
+            for k in TP)
+  assert gap > 1e-4
 
 
 @pytest.fixture(scope="module")
