@@ -76,6 +76,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from samtx import _common
 from samtx.perturbations import PerturbationState
 
 __all__ = [
@@ -224,14 +225,6 @@ def _uses_axes(specs, axes) -> bool:
   return bool(used & set(axes))
 
 
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))  # older jax spelling
-
-
 def _mark_varying(tree, axis_name):
   """``pcast``s leaves that do not yet vary over ``axis_name`` (shard_map).
 
@@ -240,7 +233,7 @@ def _mark_varying(tree, axis_name):
   differentiating with respect to a varying copy keeps the local gradient.
   """
   def mark(x):
-    if axis_name in _varying_axes(x):
+    if axis_name in _common.varying_axes(x):
       return x
     return jax.lax.pcast(x, axis_name, to="varying")
   return jax.tree.map(mark, tree)
