@@ -375,8 +375,13 @@ def run_compare(opts: CompareOptions) -> dict:
   results = {}
   try:
     for plan in plans:
-      results[plan.workload.name] = _run_workload(
-          plan, loaded[plan.workload.dataset], opts, table, progress)
+      data = loaded[plan.workload.dataset]
+      if plan.workload.train_examples:
+        n = plan.workload.train_examples
+        data = data._replace(x_train=data.x_train[:n],
+                             y_train=data.y_train[:n])
+      results[plan.workload.name] = _run_workload(plan, data, opts, table,
+                                                  progress)
   finally:
     progress.close()
   for result in results.values():
