@@ -13,11 +13,11 @@ from samtx.compare import experiment
 from samtx.compare import optimizers
 from samtx.compare import train
 
-# A tiny job: digits MLP, 2 epochs, 2 seeds (the compiled programs are shared
-# with tests/test_cli.py when both run in one process).
+# A tiny job: digits MLP, 2 epochs, 2 seeds x 2 noise levels (the compiled
+# programs are those of tests/test_cli.py when both run in one process).
 BASE = ["compare", "--seeds", "2", "--epochs", "2", "--timing-steps", "2",
         "--timing-repeats", "1", "--no-progress", "--no-plots"]
-TINY = BASE + ["--model", "mlp", "--dataset", "digits", "--noise", "0"]
+TINY = BASE + ["--model", "mlp", "--dataset", "digits", "--noise", "0,0.3"]
 
 
 def _error(argv, capsys):
@@ -91,6 +91,8 @@ def test_out_pointing_at_a_file_or_below_one_is_a_one_line_error(tmp_path,
     (["--model", "transformer", "--dataset", "digits"],
      "--model transformer needs --dataset text"),
     (["--model", "cnn", "--dataset", "text"],
+     "--model cnn needs --dataset mnist1d or digits"),
+    (["--model", "mlp", "--dataset", "digits,text"],
      "--dataset text needs --model transformer"),
     (["--dataset", "text", "--noise", "0.2"],
      "classification datasets only"),
@@ -101,10 +103,10 @@ def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
 
 
 def test_no_tuned_values_and_no_sweep_is_a_one_line_error(tmp_path, capsys):
-  # Nothing is tuned for SAM on the MNIST-1D CNN in the built-in table.
-  line = _error(["compare", "--model", "cnn", "--dataset", "mnist1d",
-                 "--optimizers", "sam", "--out", str(tmp_path)], capsys)
-  assert "no tuned hyper-parameters for sam on mnist1d-cnn" in line
+  # Nothing is tuned for AdamW on the MNIST-1D MLP in the built-in table.
+  line = _error(["compare", "--model", "mlp", "--dataset", "mnist1d",
+                 "--optimizers", "adamw", "--out", str(tmp_path)], capsys)
+  assert "no tuned hyper-parameters for adamw on mnist1d-mlp" in line
   assert "--tune" in line
 
 
