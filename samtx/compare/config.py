@@ -3,9 +3,9 @@
 A *workload* is a (dataset, model) pair with its training settings. Two
 presets name the workloads and settings of a job:
 
-- ``"demo"`` (the default, ``make demo``): digits-MLP, digits-CNN and
+- ``"demo"`` (the default, ``make demo``): digits-MLP, MNIST-1D-CNN and
   text-transformer with a few optimizers, 3 seeds, short schedules, the
-  committed tuned values (no sweep). A couple of minutes on 2 CPU cores.
+  committed tuned values (no sweep). A few minutes on 2 CPU cores.
 - ``"full"``: the committed results: every workload with its optimizers,
   lr/rho tuned on the validation split with 3 seeds per grid point, then 5
   evaluation seeds.
@@ -131,11 +131,11 @@ _TRANSFORMER_SET = ("adam", "adamw", "amsgrad", "adasam", "adasam_adam",
 
 PRESETS: Dict[str, dict] = {
     "demo": {
-        "workloads": ("digits-mlp", "digits-cnn", "text-transformer"),
+        "workloads": ("digits-mlp", "mnist1d-cnn", "text-transformer"),
         "optimizers": {"digits-mlp": ("sgd", "sam", "msam"),
-                       "digits-cnn": ("sgd", "sam"),
+                       "mnist1d-cnn": ("sgd", "sam"),
                        "text-transformer": ("adam", "sam_adamw")},
-        "epochs": {"digits-mlp": 20, "digits-cnn": 8, "text-transformer": 1},
+        "epochs": {"digits-mlp": 20, "mnist1d-cnn": 4, "text-transformer": 1},
         "noise": {},  # clean labels only
         "seeds": 3,
         "timing_steps": 10,

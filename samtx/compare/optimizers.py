@@ -105,21 +105,25 @@ register("lightsam_ii", "LightSAM-II", lambda lr, rho: samtx.lightsam(
 register("lightsam_iii", "LightSAM-III", lambda lr, rho: samtx.lightsam(
     lr, rho, variant="adam"), two_pass=True, grid="lightsam_iii",
          family="lightsam")
-# Aliases being written on other branches (DESIGN.md): registered as soon as
-# samtx has them. The lead wires in nothing else when merging.
-if hasattr(samtx, "msam_adamw"):
+# Aliases being written on other branches (DESIGN.md): each entry activates
+# as soon as samtx has the alias, and the presets already list MSAM-AdamW
+# (its grid is config.GRIDS[...]["msam_adamw"]). Until then it is absent,
+# never replaced by a stand-in.
+if hasattr(samtx, "msam_adamw"):  # MSAM-AdamW, the lead's branch
+
   register("msam_adamw", "MSAM-AdamW", lambda lr, rho: samtx.msam_adamw(
       lr, rho, weight_decay=WEIGHT_DECAY), two_pass=False, grid="msam_adamw",
            family="adaptive")
-if hasattr(samtx, "gsam"):
-  register("gsam", "GSAM", lambda lr, rho: samtx.gsam(
-      lr, rho, momentum=MOMENTUM), two_pass=True, grid="sam", family="sgd")
-if hasattr(samtx, "wsam"):
-  register("wsam", "WSAM", lambda lr, rho: samtx.wsam(
-      lr, rho, momentum=MOMENTUM), two_pass=True, grid="sam", family="sgd")
-if hasattr(samtx, "friendly_sam"):
-  register("friendly_sam", "Friendly-SAM", lambda lr, rho: samtx.friendly_sam(
-      lr, rho, momentum=MOMENTUM), two_pass=True, grid="sam", family="sgd")
-if hasattr(samtx, "looksam"):
-  register("looksam", "LookSAM", lambda lr, rho: samtx.looksam(
-      lr, rho, momentum=MOMENTUM), two_pass=True, grid="sam", family="sgd")
+
+
+def _sam_family(alias: str, label: str) -> None:
+  """Registers a two-pass alias on SGD with momentum, if samtx has it."""
+  if hasattr(samtx, alias):
+    register(alias, label, lambda lr, rho: getattr(samtx, alias)(
+        lr, rho, momentum=MOMENTUM), two_pass=True, grid="sam", family="sgd")
+
+
+_sam_family("gsam", "GSAM")
+_sam_family("wsam", "WSAM")
+_sam_family("friendly_sam", "Friendly-SAM")
+_sam_family("looksam", "LookSAM")
