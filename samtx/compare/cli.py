@@ -31,6 +31,15 @@ HPARAMS_HELP = (
     "and optimizer; lr > 0, rho >= 0; a missing \"model\" means mlp")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except None (those flags say where theirs come from)."""
+
+  def _get_help_string(self, action):
+    if action.default is None:
+      return action.help
+    return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
   """An ``ArgumentParser`` whose errors are one line (no usage block)."""
 
@@ -122,7 +131,7 @@ def _optimizer_help() -> str:
 
 
 def _compare_parser(sub) -> None:
-  fmt = argparse.ArgumentDefaultsHelpFormatter
+  fmt = _Formatter
   preset_default = "(default: from --preset)"
   cmp = sub.add_parser(
       "compare", formatter_class=fmt,
@@ -230,7 +239,7 @@ def _compare(args) -> None:
 
 
 def _sensitivity_parser(sub) -> None:
-  fmt = argparse.ArgumentDefaultsHelpFormatter
+  fmt = _Formatter
   sen = sub.add_parser(
       "sensitivity", formatter_class=fmt,
       help="test accuracy over a (lr, rho) grid for SAM vs LightSAM",

@@ -390,6 +390,8 @@ def run_compare(opts: CompareOptions) -> dict:
             f"{group['seeds']} seeds, {result['settings']['epochs']} epochs, "
             f"step time relative to {group['base']}")
       print(group["table"])
+      for name, note in result["notes"].items():
+        print(f"  {SPECS[name].label}: {note}")
     if result["resumed"]:
       print(f"(resumed: {len(result['resumed'])} finished run batches "
             f"reused from {opts.out})")
