@@ -12,7 +12,7 @@ model are recorded separately for every step.
 Run::
 
   .venv/bin/python benchmarks/step_time.py            # full run (~10 min CPU)
-  .venv/bin/python benchmarks/step_time.py --quick    # < 2 min on 2 CPU cores
+  .venv/bin/python benchmarks/step_time.py --quick    # a few min on 2 CPU cores
 
 Results go to ``benchmarks/results/step_time_<backend>[_quick].{json,md}``.
 
@@ -542,7 +542,8 @@ def render(path: str) -> dict:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="two small models, fewer repeats (< 2 min on 2 cores)")
+                      help="two small MLPs and the compare CNN and transformer, "
+                      "fewer repeats")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--min-block-ms", type=float, default=None,
                       help="each timed block lasts at least this long")
