@@ -196,3 +196,18 @@ def test_resolve_workloads_pairs_models_with_their_data():
   assert experiment.resolve_workloads(
       ["mlp", "cnn", "transformer"], ["digits", "text"], "demo") == [
           "digits-mlp", "digits-cnn", "text-transformer"]
+
+
+def test_a_dataset_whose_module_is_missing_names_that_module(tmp_path, capsys,
+                                                             monkeypatch):
+  real_import = __import__
+
+  def fake_import(name, *args, **kwargs):
+    if name == "sklearn.datasets":  # scikit-learn present, scipy missing
+      raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.__import__", fake_import)
+  line = _error(TINY + ["--out", str(tmp_path)], capsys)
+  assert "dataset 'digits' cannot load: Python module 'scipy' is missing" in line
+  assert "scikit-learn" not in line.split("missing")[0]

@@ -163,16 +163,3 @@ def test_text_splits_are_disjoint_windows_of_the_stdlib_corpus(loaded):
   np.testing.assert_array_equal(data.x_train[0], corpus[:16])
   assert "argparse.py" in data.source
 
-
-def test_a_missing_module_is_named(monkeypatch):
-  real_import = __import__
-
-  def fake_import(name, *args, **kwargs):
-    if name == "sklearn.datasets":  # scikit-learn present, scipy missing
-      raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
-    return real_import(name, *args, **kwargs)
-
-  monkeypatch.setattr("builtins.__import__", fake_import)
-  with pytest.raises(ModuleNotFoundError, match="'scipy' is missing") as err:
-    data_lib.load("digits")
-  assert err.value.name == "scipy"
