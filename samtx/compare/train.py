@@ -98,10 +98,17 @@ def _eval_fn(model: models.Functional):
   return evaluate
 
 
-class _Arrays:
-  """The dataset's splits on device, with the evaluation subset of train."""
+class _Evaluator:
+  """Evaluation-mode metrics of one workload, shared by all optimizers.
 
-  def __init__(self, data: data_lib.Dataset, workload: Workload):
+  The end-of-training metrics take the clean weights, not the optimizer
+  state, so their (costly: Lanczos) program compiles once per workload.
+  """
+
+  def __init__(self, data: data_lib.Dataset, setup: Setup):
+    workload = setup.workload
+    self.model = models.build(workload.model, data, workload.options)
+    self.evaluate = _eval_fn(self.model)
     self.x_train = jnp.asarray(data.x_train)
     self.x_val, self.x_test = jnp.asarray(data.x_val), jnp.asarray(data.x_test)
     self.y_test = jnp.asarray(data.y_test)
@@ -109,38 +116,62 @@ class _Arrays:
                       len(data.y_train))
     self.n_hessian = min(workload.hessian_examples or self.n_eval,
                          self.n_eval)
+    self.setup = setup
+    self.final = jax.jit(jax.vmap(self._final))
+
+  def metrics(self, clean, stats, y_train, y_val) -> dict:
+    """Loss and accuracy on the train subset, validation and test splits."""
+    m = self.n_eval
+    train_loss, train_acc = self.evaluate(clean, stats, self.x_train[:m],
+                                          y_train[:m])
+    val_loss, val_acc = self.evaluate(clean, stats, self.x_val, y_val)
+    test_loss, test_acc = self.evaluate(clean, stats, self.x_test,
+                                        self.y_test)
+    return {"train_loss": train_loss, "train_acc": train_acc,
+            "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss,
+            "test_acc": test_acc}
+
+  def _final(self, clean, stats, y_train, y_val) -> dict:
+    h = self.n_hessian
+    hessian_loss = lambda p: cross_entropy(
+        self.model.apply(p, stats, self.x_train[:h], train=False)[0],
+        y_train[:h])
+    out = self.metrics(clean, stats, y_train, y_val)
+    out["top_eig"] = sharpness.top_hessian_eigenvalue(
+        hessian_loss, clean, num_iters=self.setup.hessian_iters)
+    out["gap"] = sharpness.perturbed_loss_gap(hessian_loss, clean,
+                                              self.setup.sharpness_rho)
+    return out
 
 
+_EVALUATORS: Dict[tuple, _Evaluator] = {}
 _TRAINERS: Dict[tuple, tuple] = {}
 
 
+def _evaluator(data: data_lib.Dataset, setup: Setup) -> _Evaluator:
+  key = (data.name, data.x_train.shape, setup)
+  if key not in _EVALUATORS:
+    _EVALUATORS[key] = _Evaluator(data, setup)
+  return _EVALUATORS[key]
+
+
 def _trainer(spec: Spec, data: data_lib.Dataset, setup: Setup):
-  """Jitted, run-vmapped ``init``, ``chunk`` and ``final`` (cached)."""
+  """Jitted, run-vmapped ``init``, ``chunk`` and ``clean`` (cached)."""
   cache_key = (spec, data.name, data.x_train.shape, setup)
   if cache_key in _TRAINERS:
     return _TRAINERS[cache_key]
-  workload = setup.workload
-  model = models.build(workload.model, data, workload.options)
-  arrays = _Arrays(data, workload)
-  evaluate = _eval_fn(model)
-  n = arrays.x_train.shape[0]
+  evaluator = _evaluator(data, setup)
+  model = evaluator.model
+  n = evaluator.x_train.shape[0]
   steps_per_epoch = n // setup.batch_size
 
   def init(lr, rho, key):
     params, stats = model.init(jax.random.fold_in(key, 0))
     return params, stats, spec.make(lr, rho).init(params)
 
-  def epoch_metrics(carry, y_train, y_val):
+  def clean(carry):
     params, stats, opt_state = carry
-    clean = samtx.unperturb(params, opt_state)
-    m = arrays.n_eval
-    train_loss, train_acc = evaluate(clean, stats, arrays.x_train[:m],
-                                     y_train[:m])
-    val_loss, val_acc = evaluate(clean, stats, arrays.x_val, y_val)
-    test_loss, test_acc = evaluate(clean, stats, arrays.x_test, arrays.y_test)
-    return {"train_loss": train_loss, "train_acc": train_acc,
-            "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss,
-            "test_acc": test_acc}
+    return samtx.unperturb(params, opt_state), stats
 
   def chunk(carry, lr, rho, y_train, y_val, epoch_keys):
     opt = spec.make(lr, rho)
@@ -155,33 +186,19 @@ def _trainer(spec: Spec, data: data_lib.Dataset, setup: Setup):
       def step(carry, batch):
         idx, step_key = batch
         params, stats, opt_state, value = _optimizer_step(
-            model, spec, opt, *carry, arrays.x_train[idx], y_train[idx],
+            model, spec, opt, *carry, evaluator.x_train[idx], y_train[idx],
             step_key)
         return (params, stats, opt_state), value
 
       carry, losses = jax.lax.scan(step, carry, (batches, step_keys))
-      metrics = epoch_metrics(carry, y_train, y_val)
+      metrics = evaluator.metrics(*clean(carry), y_train, y_val)
       metrics["batch_loss"] = jnp.mean(losses)
       return carry, metrics
 
     return jax.lax.scan(epoch, carry, epoch_keys)
 
-  def final(carry, y_train, y_val):
-    params, stats, opt_state = carry
-    clean = samtx.unperturb(params, opt_state)
-    h = arrays.n_hessian
-    hessian_loss = lambda p: cross_entropy(
-        model.apply(p, stats, arrays.x_train[:h], train=False)[0],
-        y_train[:h])
-    out = epoch_metrics(carry, y_train, y_val)
-    out["top_eig"] = sharpness.top_hessian_eigenvalue(
-        hessian_loss, clean, num_iters=setup.hessian_iters)
-    out["gap"] = sharpness.perturbed_loss_gap(hessian_loss, clean,
-                                              setup.sharpness_rho)
-    return out
-
   _TRAINERS[cache_key] = (jax.jit(jax.vmap(init)), jax.jit(jax.vmap(chunk)),
-                          jax.jit(jax.vmap(final)))
+                          jax.jit(jax.vmap(clean)))
   return _TRAINERS[cache_key]
 
 
@@ -225,7 +242,7 @@ def train_runs(spec: Spec, data: data_lib.Dataset, setup: Setup, lrs, rhos,
   rhos = jnp.asarray(rhos, jnp.float32)
   keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
   y_train, y_val = _labels(data, seeds, noise_rates)
-  init, chunk, final_fn = _trainer(spec, data, setup)
+  init, chunk, clean = _trainer(spec, data, setup)
   carry = init(lrs, rhos, keys)
   epoch_keys = jax.vmap(lambda k: jax.random.split(
       jax.random.fold_in(k, 1), setup.epochs))(keys)
@@ -243,7 +260,8 @@ def train_runs(spec: Spec, data: data_lib.Dataset, setup: Setup, lrs, rhos,
   out = {"curves": {k: np.concatenate([c[k] for c in curves], axis=1)
                     for k in curves[0]}}
   if final:
-    fin = jax.device_get(final_fn(carry, y_train, y_val))
+    fin = jax.device_get(_evaluator(data, setup).final(
+        *clean(carry), y_train, y_val))
     out["final"] = {k: np.asarray(v) for k, v in fin.items()}
   return out
 
