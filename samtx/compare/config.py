@@ -187,11 +187,13 @@ TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
                "lightsam_i": (10.0, 0.1), "lightsam_ii": (0.1, 0.03),
                "lightsam_iii": (0.001, 0.003), "msam": (0.1, 1.0)},
     },
-    "digits-cnn": {
-        0.0: {"sgd": (0.1, 0.0), "sam": (0.1, 0.05), "msam": (0.1, 0.3)},
+    "mnist1d-cnn": {
+        0.0: {"sgd": (0.1, 0.0), "adamw": (0.01, 0.0), "sam": (0.1, 0.15),
+              "msam": (0.1, 0.3), "adasam": (0.003, 0.02)},
     },
     "text-transformer": {
-        0.0: {"adam": (3e-3, 0.0), "adasam": (3e-3, 0.02),
-              "sam_adamw": (3e-3, 0.02)},
+        0.0: {"adam": (0.003, 0.0), "adamw": (0.003, 0.0),
+              "amsgrad": (0.001, 0.0), "adasam": (0.001, 0.02),
+              "adasam_adam": (0.003, 0.02), "sam_adamw": (0.003, 0.02)},
     },
 }
