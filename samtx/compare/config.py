@@ -161,7 +161,8 @@ PRESETS: Dict[str, dict] = {
 # (lr, rho) chosen by the committed sweeps (benchmarks/results/compare/
 # <workload>/tuning.json): workload -> noise -> optimizer -> (lr, rho). A
 # noise level not listed uses the nearest one. The mnist1d-mlp values are
-# those of the earlier MLP-only sweep (1 seed per grid point).
+# those of the earlier MLP-only sweep (1 seed per grid point,
+# benchmarks/results/compare/mnist1d/tuning.json).
 TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
     "mnist1d-mlp": {
         0.0: {"sgd": (0.1, 0.0), "amsgrad": (0.003, 0.0),
@@ -176,16 +177,18 @@ TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
                "lightsam_iii": (0.001, 0.001), "msam": (0.03, 1.0)},
     },
     "digits-mlp": {
-        0.0: {"sgd": (0.3, 0.0), "amsgrad": (0.003, 0.0),
-              "sam": (0.3, 0.15), "asam": (0.3, 0.5), "adasam": (0.003, 0.02),
-              "adasam_delayed": (0.0003, 0.02), "lightsam_i": (10.0, 1.0),
-              "lightsam_ii": (0.03, 0.003), "lightsam_iii": (0.01, 0.0003),
-              "msam": (0.3, 1.0)},
-        0.25: {"sgd": (0.03, 0.0), "amsgrad": (0.001, 0.0),
-               "sam": (0.03, 0.15), "asam": (0.1, 1.5),
-               "adasam": (0.003, 0.15), "adasam_delayed": (0.001, 0.05),
-               "lightsam_i": (10.0, 0.1), "lightsam_ii": (0.1, 0.03),
-               "lightsam_iii": (0.001, 0.003), "msam": (0.1, 1.0)},
+        0.0: {"sgd": (0.3, 0.0), "adamw": (0.01, 0.0),
+              "amsgrad": (0.003, 0.0), "sam": (0.3, 0.15), "asam": (0.3, 0.5),
+              "msam": (0.3, 1.0), "adasam": (0.003, 0.15),
+              "adasam_adam": (0.003, 0.15), "lightsam_i": (3.0, 0.1),
+              "lightsam_ii": (0.03, 0.003), "lightsam_iii": (0.003, 0.0003),
+              "adasam_delayed": (0.001, 0.02)},
+        0.25: {"sgd": (0.03, 0.0), "adamw": (0.001, 0.0),
+               "amsgrad": (0.001, 0.0), "sam": (0.03, 0.15),
+               "asam": (0.03, 1.5), "msam": (0.1, 1.0),
+               "adasam": (0.001, 0.02), "adasam_adam": (0.003, 0.15),
+               "lightsam_i": (10.0, 1.0), "lightsam_ii": (0.03, 0.003),
+               "lightsam_iii": (0.001, 0.001), "adasam_delayed": (0.001, 0.15)},
     },
     "mnist1d-cnn": {
         0.0: {"sgd": (0.1, 0.0), "adamw": (0.01, 0.0), "sam": (0.1, 0.15),
