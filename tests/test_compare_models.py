@@ -19,6 +19,8 @@ from samtx.compare.optimizers import SPECS
 
 # Tiny configurations: a few hundred examples, small widths, 2 epochs.
 TINY = {
+    "digits-mlp": (config.Workload("digits", "mlp", (("hidden", (32,)),)),
+                   256, 32, "sgd", 0.1),
     "digits-cnn": (config.Workload("digits", "cnn", (
         ("channels", (4, 8)), ("kernel", 3), ("dropout", 0.1)),
                                    eval_examples=128, hessian_examples=64),
@@ -53,7 +55,7 @@ def test_a_tiny_model_trains_and_its_loss_falls(name, loaded):
   # The reference: the loss of the freshly initialised model, computed here
   # with the NNX module itself (a near-uniform prediction, about ln C).
   model = models.build(workload.model, data, workload.options)
-  m = workload.eval_examples
+  m = workload.eval_examples or n
   initial = []
   for seed in (0, 1):
     params, stats = model.init(jax.random.fold_in(jax.random.key(seed), 0))

@@ -22,7 +22,6 @@ import math
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["MLP", "CNN", "Transformer", "Functional", "build", "MODELS"]

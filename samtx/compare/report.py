@@ -9,9 +9,8 @@ gradient evaluations per step and the hyper-parameters.
 from __future__ import annotations
 
 import json
-import os
 import sys
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -250,7 +249,3 @@ class Progress:
     if self.bar is not None:
       self.bar.close()
 
-
-def relative_path(path: str, start: str) -> str:
-  """``path`` relative to ``start`` (for file names stored in JSON)."""
-  return os.path.relpath(path, start)
