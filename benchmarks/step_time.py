@@ -1,7 +1,8 @@
 """Step time of samtx optimizers against their base optimizers and optax.
 
 For each model (MLPs from ~1e5 to ~1e7 parameters, a small CNN and a small
-transformer) this script compiles one jitted training step per optimizer --
+transformer, and the CNN and transformer sizes ``samtx compare`` trains, which
+``--quick`` keeps next to two MLPs) this script compiles one jitted training step per optimizer --
 with ``donate_argnums=(0, 1)`` so parameters and optimizer state update in
 place -- and then times all of them *side by side in one process*: every
 repeat runs each optimizer once, in rotated order, and the reported numbers
@@ -11,7 +12,7 @@ model are recorded separately for every step.
 Run::
 
   .venv/bin/python benchmarks/step_time.py            # full run (~10 min CPU)
-  .venv/bin/python benchmarks/step_time.py --quick    # < 2 min on 2 CPU cores
+  .venv/bin/python benchmarks/step_time.py --quick    # a few min on 2 CPU cores
 
 Results go to ``benchmarks/results/step_time_<backend>[_quick].{json,md}``.
 
@@ -201,9 +202,13 @@ def models(quick: bool) -> list:
       named("mlp_1e6", mlp((784, 1024, 256, 10), batch_size=128)),
       named("transformer_5e5", transformer(256, 128, 2, 4, 64, batch_size=8)),
       named("mlp_1e7", mlp((784, 2048, 2048, 2048, 10), batch_size=128)),
+      # The sizes `samtx compare` trains (digits CNN, text transformer).
+      named("cnn_compare", cnn((16, 32), batch_size=128, image=8)),
+      named("transformer_compare", transformer(128, 64, 2, 4, 64,
+                                               batch_size=16)),
   ]
   if quick:
-    keep = ("mlp_1e5", "mlp_1e6")
+    keep = ("mlp_1e5", "mlp_1e6", "cnn_compare", "transformer_compare")
     ms = [m for m in ms if m.name in keep]
   return ms
 
@@ -537,7 +542,8 @@ def render(path: str) -> dict:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="two small models, fewer repeats (< 2 min on 2 cores)")
+                      help="two small MLPs and the compare CNN and transformer, "
+                      "fewer repeats")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--min-block-ms", type=float, default=None,
                       help="each timed block lasts at least this long")

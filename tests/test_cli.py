@@ -8,15 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import samtx
 from samtx import cli
 from samtx import datasets
+from samtx.compare import config
+from samtx.compare import models
+from samtx.compare import train
+from samtx.compare import tune
+from samtx.compare.optimizers import SPECS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Every test trains 4 runs of 2 epochs on digits with this setup, so the
-# compiled programs (cached in samtx.cli) are shared across tests.
-SETUP = cli.Setup(epochs=2, batch_size=128)
+DIGITS_MLP = config.WORKLOADS["digits-mlp"]
+# Every direct trainer call trains 4 runs of 2 epochs on digits with this
+# setup, so the compiled programs (cached in samtx.compare.train) are shared.
+SETUP = train.Setup(DIGITS_MLP, epochs=2, batch_size=128)
 
 
 def _is_png(path):
@@ -32,19 +39,20 @@ def digits():
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("compare")
-  argv = ["compare", "--dataset", "digits", "--noise", "0,0.3", "--seeds", "2",
-          "--epochs", "2", "--optimizers", "sgd,sam,msam", "--timing-steps",
-          "3", "--timing-repeats", "2", "--out",
-          str(out), "--no-progress"]
+  argv = ["compare", "--model", "mlp", "--dataset", "digits", "--noise",
+          "0,0.3", "--seeds", "2", "--epochs", "2", "--optimizers",
+          "sgd,sam,msam", "--lr", "msam=0.05", "--rho", "msam=0.2",
+          "--timing-steps", "3", "--timing-repeats", "2", "--out", str(out),
+          "--no-progress"]
   cli.main(argv)
-  with open(out / "results.json") as f:
-    return out, json.load(f)
+  with open(out / "digits-mlp" / "results.json") as f:
+    return out / "digits-mlp", json.load(f)
 
 
-def test_compare_writes_table_json_and_plots(compare_run, capsys):
+def test_compare_writes_table_json_and_plots(compare_run):
   out, result = compare_run
-  assert [(g["dataset"], g["noise"]) for g in result["groups"]] == [
-      ("digits", 0.0), ("digits", 0.3)]
+  assert [(g["workload"], g["noise"]) for g in result["groups"]] == [
+      ("digits-mlp", 0.0), ("digits-mlp", 0.3)]
   for group in result["groups"]:
     assert list(group["optimizers"]) == ["sgd", "sam", "msam"]
     for name, res in group["optimizers"].items():
@@ -54,9 +62,9 @@ def test_compare_writes_table_json_and_plots(compare_run, capsys):
       # The table's mean +- std is the sample statistic of the seeds.
       assert row["test_acc_mean"] == pytest.approx(accs.mean())
       assert row["test_acc_std"] == pytest.approx(accs.std(ddof=1))
-      # Hyper-parameters are the tuned table's.
-      assert (row["lr"], row["rho"]) == cli.tuned_hparams(
-          "digits", group["noise"], name)
+      expected = ((0.05, 0.2) if name == "msam" else
+                  tune.tuned_hparams("digits-mlp", group["noise"], name))
+      assert (row["lr"], row["rho"]) == pytest.approx(expected)
       assert len(res["curves"]["test_acc_mean"]) == 2
     for plot in group["plots"].values():
       assert _is_png(out / plot)
@@ -65,24 +73,24 @@ def test_compare_writes_table_json_and_plots(compare_run, capsys):
 
 def test_compare_counts_gradient_evaluations_and_relative_time(compare_run):
   _, result = compare_run
-  timing = result["timing"]["digits"]
+  timing = result["timing"]
   assert {k: v["grad_evals_per_step"] for k, v in timing.items()} == {
       "sgd": 1, "sam": 2, "msam": 1}
-  rows = {r: g["optimizers"][r]["summary"]
-          for g in result["groups"][:1] for r in g["optimizers"]}
+  rows = {r: result["groups"][0]["optimizers"][r]["summary"]
+          for r in result["groups"][0]["optimizers"]}
   assert rows["sgd"]["relative_time"] == 1.0
   assert rows["sam"]["relative_time"] == pytest.approx(
       timing["sam"]["seconds_per_step"] / timing["sgd"]["seconds_per_step"])
 
 
 def test_a_run_does_not_depend_on_the_runs_vmapped_beside_it(digits):
-  spec = cli.SPECS["msam"]
-  first = cli.train_runs(spec, digits, SETUP, [0.1, 0.05, 0.2, 0.1],
-                         [0.3, 1.0, 0.1, 0.3], [0, 1, 2, 3],
-                         [0.0, 0.3, 0.0, 0.3])
-  moved = cli.train_runs(spec, digits, SETUP, [0.3, 0.3, 0.01, 0.05],
-                         [0.5, 0.5, 0.5, 1.0], [5, 6, 7, 1],
-                         [0.1, 0.1, 0.1, 0.3])
+  spec = SPECS["msam"]
+  first = train.train_runs(spec, digits, SETUP, [0.1, 0.05, 0.2, 0.1],
+                           [0.3, 1.0, 0.1, 0.3], [0, 1, 2, 3],
+                           [0.0, 0.3, 0.0, 0.3])
+  moved = train.train_runs(spec, digits, SETUP, [0.3, 0.3, 0.01, 0.05],
+                           [0.5, 0.5, 0.5, 1.0], [5, 6, 7, 1],
+                           [0.1, 0.1, 0.1, 0.3])
   for key in ("test_acc", "train_loss", "val_acc", "top_eig"):
     np.testing.assert_allclose(first["final"][key][1], moved["final"][key][3],
                                rtol=1e-4)
@@ -90,57 +98,74 @@ def test_a_run_does_not_depend_on_the_runs_vmapped_beside_it(digits):
 
 def test_training_matches_a_plain_python_loop(digits):
   # Two epochs of SAM in the vmapped, scanned trainer equal a hand-written
-  # loop over the same minibatches with samtx.sam and optax.apply_updates.
-  spec = cli.SPECS["sam"]
+  # loop over the same minibatches with the NNX model, samtx.sam and
+  # optax.apply_updates.
   seed, lr, rho = 3, 0.1, 0.05
-  got = cli.train_runs(spec, digits, SETUP, [lr, 0.2, 0.2, 0.2],
-                       [rho, 0.1, 0.1, 0.1], [seed, 0, 1, 2], [0.0] * 4)
+  got = train.train_runs(SPECS["sam"], digits, SETUP, [lr, 0.2, 0.2, 0.2],
+                         [rho, 0.1, 0.1, 0.1], [seed, 0, 1, 2], [0.0] * 4)
 
   key = jax.random.key(seed)
-  params = cli.init_mlp(jax.random.fold_in(key, 0), (64, 128, 10))
+  mlp = models.MLP((64, 128, 10),
+                   rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
+  graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
+  params = nnx.as_pure(params)
+  apply = lambda p, xb: nnx.merge(graphdef, p, rest)(xb)
   opt = samtx.sam(lr, rho, momentum=0.9)
   state = opt.init(params)
-  step = jax.jit(lambda p, s, i: _plain_step(opt, p, s, x[i], y[i]))
   x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
+
+  def loss_at(xb, yb):
+    return lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        apply(p, xb), yb).mean()
+
+  @jax.jit
+  def step(params, state, idx):
+    loss = loss_at(x[idx], y[idx])
+    updates, state = opt.update(jax.grad(loss)(params), state, params,
+                                grad_fn=jax.grad(loss))
+    return optax.apply_updates(params, updates), state
+
   n, b = len(digits.y_train), SETUP.batch_size
   for epoch_key in jax.random.split(jax.random.fold_in(key, 1), 2):
-    perm = np.asarray(jax.random.permutation(epoch_key, n))
+    order_key, _ = jax.random.split(epoch_key)
+    perm = np.asarray(jax.random.permutation(order_key, n))
     for i in range(n // b):
       params, state = step(params, state, perm[i * b:(i + 1) * b])
-  acc = float(jnp.mean(jnp.argmax(cli.apply_mlp(params, jnp.asarray(
-      digits.x_test)), -1) == jnp.asarray(digits.y_test)))
-  full = float(optax.softmax_cross_entropy_with_integer_labels(
-      cli.apply_mlp(params, x), y).mean())
+  test_x, test_y = jnp.asarray(digits.x_test), jnp.asarray(digits.y_test)
+  acc = float(jnp.mean(jnp.argmax(apply(params, test_x), -1) == test_y))
+  full = float(loss_at(x, y)(params))
   assert float(got["final"]["test_acc"][0]) == pytest.approx(acc, abs=1e-6)
   assert float(got["final"]["train_loss"][0]) == pytest.approx(full, rel=1e-4)
 
 
-def _plain_step(opt, params, state, xb, yb):
-  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      cli.apply_mlp(p, xb), yb).mean()
-  updates, state = opt.update(jax.grad(loss)(params), state, params,
-                              grad_fn=jax.grad(loss))
-  return optax.apply_updates(params, updates), state
-
-
 def test_tune_picks_the_best_mean_validation_accuracy(tmp_path):
-  cli.main(["compare", "--dataset", "digits", "--noise", "0.2", "--seeds", "4",
-            "--epochs", "2", "--optimizers", "sgd", "--tune", "--tune-seeds",
-            "1", "--timing-steps", "2", "--timing-repeats", "1",
-            "--out", str(tmp_path), "--no-progress", "--no-plots"])
-  with open(tmp_path / "tuning.json") as f:
+  cli.main(["compare", "--model", "mlp", "--dataset", "digits", "--noise",
+            "0.2", "--seeds", "4", "--epochs", "2", "--optimizers", "sgd",
+            "--tune", "--tune-seeds", "1", "--timing-steps", "2",
+            "--timing-repeats", "1", "--out", str(tmp_path), "--no-progress",
+            "--no-plots"])
+  folder = tmp_path / "digits-mlp"
+  with open(folder / "tuning.json") as f:
     tuning = json.load(f)["tuning"]
   (entry,) = tuning
   grid = entry["grid"]
-  assert [g["lr"] for g in grid] == list(cli.SPECS["sgd"].lr_grid)
-  best = max(grid, key=lambda g: g["val_acc"])
+  assert [g["lr"] for g in grid] == list(config.GRIDS["mlp"]["sgd"][0])
+  best = max(grid, key=lambda g: g["score"])
   assert entry["best"] == [best["lr"], best["rho"]]
-  with open(tmp_path / "results.json") as f:
-    row = json.load(f)["groups"][0]["optimizers"]["sgd"]["summary"]
+  with open(folder / "results.json") as f:
+    result = json.load(f)
+  row = result["groups"][0]["optimizers"]["sgd"]["summary"]
   assert [row["lr"], row["rho"]] == entry["best"]
+  # The winner's score is the mean final validation accuracy of its runs,
+  # read back from the per-run record.
+  record = np.load(folder / "runs" / "tune-sgd.npz")
+  val = record["curves/val_acc"][:, -1]
+  assert best["score"] == pytest.approx(
+      float(val[grid.index(best)]), abs=1e-6)
   # The tuning file feeds later runs.
-  table = cli._load_hparams(str(tmp_path / "tuning.json"))
-  assert cli.tuned_hparams("digits", 0.25, "sgd", table) == tuple(entry["best"])
+  table = tune.load_hparams(str(folder / "tuning.json"))
+  assert tune.tuned_hparams("digits-mlp", 0.25, "sgd", table) == tuple(
+      entry["best"])
 
 
 def test_sensitivity_grid_spread_and_heatmap(tmp_path):
@@ -149,7 +174,7 @@ def test_sensitivity_grid_spread_and_heatmap(tmp_path):
             str(tmp_path), "--no-progress"])
   with open(tmp_path / "digits_noise00.json") as f:
     res = json.load(f)["optimizers"]["sam"]
-  lr0, rho0 = cli.tuned_hparams("digits", 0.0, "sam")
+  lr0, rho0 = tune.tuned_hparams("digits-mlp", 0.0, "sam")
   np.testing.assert_allclose(res["lr"], [lr0 * 0.1, lr0 * 10])
   np.testing.assert_allclose(res["rho"], [rho0 * 0.1, rho0 * 10])
   mean = np.asarray(res["test_acc_mean"])
@@ -184,8 +209,9 @@ def test_embedded_datasets_load_offline_with_disjoint_splits(name, width,
 
 @pytest.mark.parametrize("argv,message", [
     (["compare", "--noise", "1.5"], "label noise must be in"),
-    (["compare", "--optimizers", "sgd,adamw"], "unknown optimizer"),
+    (["compare", "--optimizers", "sgd,adamx"], "unknown optimizer"),
     (["compare", "--dataset", "cifar10"], "unknown dataset"),
+    (["compare", "--model", "resnet"], "unknown model"),
     (["compare", "--seeds", "0"], "must be >= 1"),
     (["compare", "--epochs", "two"], "not an integer"),
     (["sensitivity", "--factors", "1,-2"], "positive finite"),
@@ -195,13 +221,16 @@ def test_bad_input_gives_a_clear_error(argv, message, capsys):
   with pytest.raises(SystemExit) as err:
     cli.main(argv)
   assert err.value.code == 2
-  assert message in capsys.readouterr().err
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0]
 
 
-def test_batch_larger_than_the_data_is_rejected(tmp_path):
-  with pytest.raises(SystemExit, match="exceeds"):
+def test_batch_larger_than_the_data_is_rejected(tmp_path, capsys):
+  with pytest.raises(SystemExit) as err:
     cli.main(["compare", "--dataset", "digits", "--batch-size", "100000",
               "--out", str(tmp_path), "--no-progress"])
+  assert err.value.code == 2
+  assert "exceeds the" in capsys.readouterr().err
 
 
 def test_help_documents_every_option(capsys):

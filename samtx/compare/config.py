@@ -1,0 +1,202 @@
+"""Every default of ``samtx compare`` in one place: workloads, grids, presets.
+
+A *workload* is a (dataset, model) pair with its training settings. Two
+presets name the workloads and settings of a job:
+
+- ``"demo"`` (the default, ``make demo``): digits-MLP, MNIST-1D-CNN and
+  text-transformer with a few optimizers, 3 seeds, short schedules, the
+  committed tuned values (no sweep). A few minutes on 2 CPU cores.
+- ``"full"``: the committed results: every workload with its optimizers,
+  lr/rho tuned on the validation split with 3 seeds per grid point, then 5
+  evaluation seeds.
+
+Command-line flags override any preset value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+__all__ = ["Workload", "WORKLOADS", "GRIDS", "PRESETS", "TUNED",
+           "workload_name"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """A (dataset, model) pair and how it trains.
+
+  Attributes:
+    dataset: dataset name (:data:`samtx.compare.data.DATASETS`).
+    model: model name (:data:`samtx.compare.models.MODELS`).
+    model_options: keyword arguments of the model class, as sorted items.
+    epochs: training epochs (full preset).
+    batch_size: minibatch size.
+    eval_examples: training examples used for the per-epoch train loss and
+      the final train metrics (None: all).
+    hessian_examples: training examples of the loss whose top Hessian
+      eigenvalue and perturbed-loss gap are measured (None: eval_examples).
+    train_examples: train on the first this many training examples only
+      (None: all); bounds the cost of an epoch.
+    timing_steps, timing_repeats: step-time measurement (full preset).
+  """
+  dataset: str
+  model: str
+  model_options: Tuple[tuple, ...] = ()
+  epochs: int = 30
+  batch_size: int = 128
+  eval_examples: Optional[int] = None
+  hessian_examples: Optional[int] = None
+  train_examples: Optional[int] = None
+  timing_steps: int = 100
+  timing_repeats: int = 15
+
+  @property
+  def name(self) -> str:
+    return workload_name(self.dataset, self.model)
+
+  @property
+  def options(self) -> dict:
+    return dict(self.model_options)
+
+
+def workload_name(dataset: str, model: str) -> str:
+  """``"<dataset>-<model>"``, the results folder of a workload."""
+  return f"{dataset}-{model}"
+
+
+# Sizes are chosen for 2 shared CPU cores (the committed runs): small, but
+# the architecture of the papers' settings (BatchNorm CNN, pre-LN causal
+# transformer).
+WORKLOADS: Dict[str, Workload] = {w.name: w for w in (
+    Workload("mnist1d", "mlp", (("hidden", (100, 100)),)),
+    Workload("digits", "mlp", (("hidden", (128,)),)),
+    Workload("mnist1d", "cnn", (("channels", (16, 32)), ("kernel", 5),
+                                ("dropout", 0.1)), epochs=10,
+             hessian_examples=512, timing_steps=50, timing_repeats=7),
+    Workload("digits", "cnn", (("channels", (16, 32)), ("kernel", 3),
+                               ("dropout", 0.1)), epochs=20,
+             hessian_examples=512, timing_steps=50, timing_repeats=7),
+    Workload("text", "transformer", (("width", 64), ("depth", 2),
+                                     ("heads", 4)),
+             epochs=1, batch_size=16, eval_examples=512, hessian_examples=32,
+             train_examples=2240,
+             timing_steps=20,
+             timing_repeats=7),
+)}
+
+# model -> grid key -> (learning rates, rhos). Grid keys come from
+# samtx.compare.optimizers.Spec.grid.
+_SMALL_NETS = {
+    "sgd": ((0.01, 0.03, 0.1, 0.3), (0.0,)),
+    "adam": ((3e-4, 1e-3, 3e-3, 1e-2), (0.0,)),
+    "sam": ((0.03, 0.1, 0.3), (0.02, 0.05, 0.15)),
+    "asam": ((0.03, 0.1, 0.3), (0.2, 0.5, 1.5)),
+    "msam": ((0.03, 0.1, 0.3), (0.1, 0.3, 1.0)),
+    "adasam": ((3e-4, 1e-3, 3e-3), (0.02, 0.05, 0.15)),
+    "lightsam_i": ((0.3, 1.0, 3.0, 10.0), (0.1, 0.3, 1.0)),
+    "lightsam_ii": ((0.003, 0.01, 0.03, 0.1), (0.003, 0.01, 0.03)),
+    "lightsam_iii": ((3e-4, 1e-3, 3e-3, 1e-2), (3e-4, 1e-3, 3e-3)),
+    "msam_adamw": ((3e-4, 1e-3, 3e-3), (0.1, 0.3, 1.0)),
+}
+GRIDS: Dict[str, Dict[str, tuple]] = {
+    "mlp": _SMALL_NETS,
+    "cnn": {**_SMALL_NETS,
+            "sgd": ((0.03, 0.1, 0.3), (0.0,)),
+            "adam": ((1e-3, 3e-3, 1e-2), (0.0,)),
+            "sam": ((0.1, 0.3), (0.05, 0.15)),
+            "asam": ((0.1, 0.3), (0.5, 1.5)),
+            "msam": ((0.1, 0.3), (0.3, 1.0)),
+            "adasam": ((3e-3, 1e-2), (0.02, 0.1)),
+            "msam_adamw": ((3e-3, 1e-2), (0.1, 0.3))},
+    # Transformers train with Adam at lr ~1e-3; the SGD family needs far
+    # larger steps. Two rhos per method keep the sweep affordable.
+    "transformer": {**_SMALL_NETS,
+                    "sgd": ((0.3, 1.0, 3.0), (0.0,)),
+                    "adam": ((1e-3, 3e-3, 1e-2), (0.0,)),
+                    "sam": ((0.3, 1.0), (0.05, 0.2)),
+                    "msam": ((0.3, 1.0), (0.3, 1.0)),
+                    "adasam": ((1e-3, 3e-3), (0.02, 0.1)),
+                    "msam_adamw": ((1e-3, 3e-3), (0.1, 0.3))},
+}
+
+# The committed sets: every method on the MLP (cheap), the papers' methods
+# for each architecture elsewhere (2 shared CPU cores).
+_CNN_SET = ("sgd", "adamw", "sam", "msam", "adasam", "msam_adamw")
+_MLP_SET = ("sgd", "adamw", "amsgrad", "sam", "asam", "msam", "adasam",
+            "adasam_adam", "msam_adamw", "lightsam_i", "lightsam_ii",
+            "lightsam_iii", "adasam_delayed")
+_TRANSFORMER_SET = ("adam", "adamw", "amsgrad", "adasam", "adasam_adam",
+                    "sam_adamw", "msam_adamw")
+
+PRESETS: Dict[str, dict] = {
+    "demo": {
+        "workloads": ("digits-mlp", "mnist1d-cnn", "text-transformer"),
+        "optimizers": {"digits-mlp": ("sgd", "sam", "msam"),
+                       "mnist1d-cnn": ("sgd", "sam"),
+                       "text-transformer": ("adam", "sam_adamw")},
+        "epochs": {"digits-mlp": 20, "mnist1d-cnn": 4, "text-transformer": 1},
+        "noise": {},  # clean labels only
+        "seeds": 3,
+        "timing_steps": 10,
+        "timing_repeats": 3,
+        "hessian_iters": 10,
+        "tune": False,
+    },
+    "full": {
+        "workloads": ("digits-mlp", "mnist1d-cnn", "text-transformer"),
+        "optimizers": {"digits-mlp": _MLP_SET, "mnist1d-cnn": _CNN_SET,
+                       "text-transformer": _TRANSFORMER_SET},
+        "epochs": {},  # each workload's own
+        # Label noise where it is cheap (the MLP); the CNN and the
+        # transformer train on clean labels only (compute budget).
+        "noise": {"digits-mlp": (0.0, 0.25)},
+        "seeds": 5,
+        "tune": True,
+        "tune_seeds": 3,
+        "hessian_iters": 20,
+    },
+}
+
+# (lr, rho) chosen by the committed sweeps (benchmarks/results/compare/
+# <workload>/tuning.json): workload -> noise -> optimizer -> (lr, rho). A
+# noise level not listed uses the nearest one. The mnist1d-mlp values are
+# those of the earlier MLP-only sweep (1 seed per grid point,
+# benchmarks/results/compare/mnist1d/tuning.json).
+TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
+    "mnist1d-mlp": {
+        0.0: {"sgd": (0.1, 0.0), "amsgrad": (0.003, 0.0),
+              "sam": (0.1, 0.15), "asam": (0.1, 1.5), "adasam": (0.003, 0.15),
+              "adasam_delayed": (0.0003, 0.05), "lightsam_i": (10.0, 1.0),
+              "lightsam_ii": (0.1, 0.01), "lightsam_iii": (0.003, 0.001),
+              "msam": (0.1, 0.3)},
+        0.25: {"sgd": (0.01, 0.0), "amsgrad": (0.001, 0.0),
+               "sam": (0.03, 0.15), "asam": (0.03, 1.5),
+               "adasam": (0.001, 0.05), "adasam_delayed": (0.0003, 0.15),
+               "lightsam_i": (3.0, 0.1), "lightsam_ii": (0.03, 0.01),
+               "lightsam_iii": (0.001, 0.001), "msam": (0.03, 1.0)},
+    },
+    "digits-mlp": {
+        0.0: {"sgd": (0.3, 0.0), "adamw": (0.01, 0.0),
+              "amsgrad": (0.003, 0.0), "sam": (0.3, 0.15), "asam": (0.3, 0.5),
+              "msam": (0.3, 1.0), "adasam": (0.003, 0.15),
+              "adasam_adam": (0.003, 0.15), "lightsam_i": (3.0, 0.1),
+              "lightsam_ii": (0.03, 0.003), "lightsam_iii": (0.003, 0.0003),
+              "adasam_delayed": (0.001, 0.02)},
+        0.25: {"sgd": (0.03, 0.0), "adamw": (0.001, 0.0),
+               "amsgrad": (0.001, 0.0), "sam": (0.03, 0.15),
+               "asam": (0.03, 1.5), "msam": (0.1, 1.0),
+               "adasam": (0.001, 0.02), "adasam_adam": (0.003, 0.15),
+               "lightsam_i": (10.0, 1.0), "lightsam_ii": (0.03, 0.003),
+               "lightsam_iii": (0.001, 0.001), "adasam_delayed": (0.001, 0.15)},
+    },
+    "mnist1d-cnn": {
+        0.0: {"sgd": (0.1, 0.0), "adamw": (0.01, 0.0), "sam": (0.1, 0.15),
+              "msam": (0.1, 0.3), "adasam": (0.003, 0.02)},
+    },
+    "text-transformer": {
+        0.0: {"adam": (0.003, 0.0), "adamw": (0.003, 0.0),
+              "amsgrad": (0.001, 0.0), "adasam": (0.001, 0.02),
+              "adasam_adam": (0.003, 0.02), "sam_adamw": (0.003, 0.02)},
+    },
+}
