@@ -89,8 +89,21 @@ def _sharded_axes(leaf, norm_axis_name) -> tuple:
     return ()
   names = ((norm_axis_name,) if isinstance(norm_axis_name, str)
            else tuple(norm_axis_name))
-  varying = getattr(jax.typeof(leaf), "vma", frozenset())
-  return tuple(name for name in names if name in varying)
+  return tuple(name for name in names if name in _varying_axes(leaf))
+
+
+def _varying_axes(leaf) -> frozenset:
+  """The mesh axes ``leaf`` varies over inside ``shard_map`` (else empty).
+
+  jax < 0.10 calls this set ``aval.vma``; jax 0.10 keeps it in
+  ``aval.mat.varying`` (``ManualAxisType``) and has no ``vma`` attribute,
+  which silently made every leaf look replicated (no psum at all).
+  """
+  aval = jax.typeof(leaf)
+  varying = getattr(aval, "vma", None)
+  if varying is None:
+    varying = getattr(getattr(aval, "mat", None), "varying", frozenset())
+  return varying
 
 
 def tree_sum(partials, norm_axis_name=None, dtype=None) -> jax.Array:

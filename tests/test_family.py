@@ -1,0 +1,428 @@
+"""GSAM, WSAM, Friendly-SAM and LookSAM: references, limits, LookSAM's skip.
+
+The generic properties (jit, inject_hyperparams, dtypes, MultiSteps, ...) run
+over these aliases in ``test_common_suite.py``; here each rule is checked
+against its NumPy recurrence in ``tests/reference.py``, against the optimizers
+it reduces to, and LookSAM against the claim that skipped steps never call
+``grad_fn``.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import samtx
+from tests import helpers
+from tests import reference
+
+STEPS = 6
+LR = 0.05
+MOMENTA = [(0.0, False), (0.9, True)]
+
+
+def _check(dtype, opt, rule, momentum, nesterov):
+  problem, loss, params, _ = helpers.problem_and_loss(dtype)
+  got, _ = helpers.run(opt, loss, params, STEPS)
+  sgd = reference.SGD(problem.x0, momentum, nesterov)
+  want = reference.run_rule(problem, STEPS, LR, rule, sgd)
+  helpers.assert_close_to_reference(got, want, dtype)
+
+
+# ------------------------------------------------------------- references
+@pytest.mark.parametrize("momentum,nesterov", MOMENTA)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_gsam_matches_reference(dtype, adaptive, momentum, nesterov):
+  opt = samtx.gsam(LR, 0.1, alpha=0.6, adaptive=adaptive,
+                   momentum=momentum or None, nesterov=nesterov)
+  _check(dtype, opt, reference.gsam_rule(0.1, 0.6, adaptive=adaptive),
+         momentum, nesterov)
+
+
+@pytest.mark.parametrize("momentum,nesterov", MOMENTA)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_wsam_matches_reference(dtype, adaptive, momentum, nesterov):
+  opt = samtx.wsam(LR, 0.1, gamma=0.8, adaptive=adaptive,
+                   momentum=momentum or None, nesterov=nesterov)
+  _check(dtype, opt, reference.wsam_rule(0.1, 0.8, adaptive=adaptive),
+         momentum, nesterov)
+
+
+@pytest.mark.parametrize("momentum,nesterov", MOMENTA)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_friendly_sam_matches_reference(dtype, adaptive, momentum, nesterov):
+  opt = samtx.friendly_sam(LR, 0.1, sigma=0.8, lmbda=0.6, adaptive=adaptive,
+                           momentum=momentum or None, nesterov=nesterov)
+  rule = reference.FriendlySAMRule(0.1, 0.8, 0.6, adaptive=adaptive)
+  _check(dtype, opt, rule, momentum, nesterov)
+
+
+@pytest.mark.parametrize("momentum,nesterov", MOMENTA)
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_looksam_matches_reference(dtype, k, momentum, nesterov):
+  opt = samtx.looksam(LR, 0.1, k=k, alpha=0.7, momentum=momentum or None,
+                      nesterov=nesterov)
+  rule = reference.LookSAMRule(0.1, k, 0.7)
+  _check(dtype, opt, rule, momentum, nesterov)
+  assert rule.second_passes == -(-STEPS // k)
+
+
+def test_rho_schedule_is_evaluated_at_the_step_count():
+  """GSAM ties rho to the lr schedule: both schedules step together."""
+  problem, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  lr = optax.linear_schedule(LR, 0.0, 10)
+  rho = optax.linear_schedule(0.1, 0.0, 10)
+  got, _ = helpers.run(samtx.gsam(lr, rho, alpha=0.6), loss, params, STEPS)
+  # By hand: one float-rho GSAM step per t, on the same trajectory.
+  p, want = params, []
+  for t in range(STEPS):
+    opt = samtx.gsam(float(lr(t)), float(rho(t)), alpha=0.6)
+    p, _ = helpers.make_step(opt, loss)(p, opt.init(p))
+    want.append(p)
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+# -------------------------------------------------- limits of each rule
+FAMILY = {
+    "gsam": lambda rho, **kw: samtx.gsam(LR, rho, alpha=0.6, **kw),
+    "gsam_adaptive": lambda rho, **kw: samtx.gsam(LR, rho, adaptive=True,
+                                                  **kw),
+    "wsam": lambda rho, **kw: samtx.wsam(LR, rho, gamma=0.8, **kw),
+    "friendly_sam": lambda rho, **kw: samtx.friendly_sam(LR, rho, **kw),
+    "looksam": lambda rho, **kw: samtx.looksam(LR, rho, k=2, **kw),
+}
+
+
+def _assert_trajectories_equal(got, want):
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("momentum,nesterov", MOMENTA)
+@pytest.mark.parametrize("name", FAMILY)
+def test_rho_zero_is_sgd_bit_for_bit(name, momentum, nesterov):
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  opt = FAMILY[name](0.0, momentum=momentum or None, nesterov=nesterov)
+  got, _ = helpers.run(opt, loss, params, STEPS)
+  want, _ = helpers.run(optax.sgd(LR, momentum=momentum or None,
+                                  nesterov=nesterov), loss, params, STEPS)
+  _assert_trajectories_equal(got, want)
+
+
+@pytest.mark.parametrize("name,make", [
+    ("gsam alpha=0", lambda: samtx.gsam(LR, 0.1, alpha=0.0)),
+    ("wsam gamma=0.5", lambda: samtx.wsam(LR, 0.1, gamma=0.5)),
+    ("friendly_sam sigma=0", lambda: samtx.friendly_sam(LR, 0.1, sigma=0.0)),
+    ("looksam k=1", lambda: samtx.looksam(LR, 0.1, k=1)),
+])
+def test_reduces_to_sam(name, make):
+  """Each rule's SAM limit: no correction, or the second pass every step."""
+  del name
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  got, _ = helpers.run(make(), loss, params, STEPS)
+  want, _ = helpers.run(samtx.sam(LR, 0.1), loss, params, STEPS)
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_wsam_gamma_zero_is_sgd():
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  got, _ = helpers.run(samtx.wsam(LR, 0.1, gamma=0.0), loss, params, STEPS)
+  want, _ = helpers.run(optax.sgd(LR), loss, params, STEPS)
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_zero_gradient_gives_finite_zero_update(name):
+  opt = FAMILY[name](0.1, momentum=0.9)
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  zero_grad_fn = lambda p: jax.tree.map(jnp.zeros_like, p)
+  state = opt.init(params)
+  update = jax.jit(lambda g, s, p: opt.update(g, s, p, grad_fn=zero_grad_fn))
+  for _ in range(3):  # LookSAM(k=2) reuses a zero g_v on the second step
+    updates, state = update(zero_grad_fn(params), state, params)
+    for leaf in jax.tree.leaves((updates, state)):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+    for leaf in jax.tree.leaves(updates):
+      np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_gsam_correction_is_orthogonal_to_the_perturbed_gradient():
+  """<g_perp, h> = 0: output - h = -alpha g_perp is orthogonal to h."""
+  with jax.enable_x64(True):
+    _, loss, params, _ = helpers.problem_and_loss(jnp.float64)
+    tx = samtx.gsam_perturbation(0.3, alpha=0.5)
+    seen = []
+    grad = jax.grad(loss)
+    grad_fn = lambda p: seen.append(grad(p)) or seen[-1]
+    out, _ = tx.update(grad(params), tx.init(params), params, grad_fn=grad_fn)
+    h = helpers.leaves(seen[0])
+    correction = [o - x for o, x in zip(helpers.leaves(out), h)]
+    assert reference.norm(correction) > 1e-3
+    np.testing.assert_allclose(reference.dot(correction, h), 0.0, atol=1e-10)
+
+
+# --------------------------------------------------------------- state size
+@pytest.mark.parametrize("make,buffers", [
+    (lambda: samtx.gsam_perturbation(0.1), 0),
+    (lambda: samtx.gsam_perturbation(0.1, adaptive=True), 0),
+    (lambda: samtx.wsam_perturbation(0.1), 0),
+    (lambda: samtx.friendly_sam_perturbation(0.1), 1),
+    (lambda: samtx.looksam_perturbation(0.1), 1),
+])
+def test_state_holds_only_what_the_rule_needs(make, buffers):
+  """GSAM/WSAM keep scalars; Friendly-SAM's m and LookSAM's g_v are one
+  parameter-sized buffer each (float32 for bfloat16 params)."""
+  params = {"w": jnp.ones((50, 40), jnp.bfloat16), "b": jnp.ones(40)}
+  state = make().init(params)
+  arrays = [x for x in jax.tree.leaves(state) if np.ndim(x) > 0]
+  assert sum(x.size for x in arrays) == buffers * (50 * 40 + 40)
+  assert all(x.dtype == jnp.float32 for x in arrays)
+
+
+def test_friendly_sam_ascends_along_g_minus_sigma_m():
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  tx = samtx.friendly_sam_perturbation(0.2, sigma=0.5, lmbda=0.7)
+  grad = jax.grad(loss)
+  seen = []
+  state = tx.init(params)
+  gs = []
+  p = params
+  for _ in range(3):
+    gs.append(helpers.leaves(grad(p)))
+    _, state = tx.update(grad(p), state, p,
+                         grad_fn=lambda q: seen.append(q) or grad(q))
+    shift = [a - b for a, b in zip(helpers.leaves(seen[-1]),
+                                   helpers.leaves(p))]
+    np.testing.assert_allclose(reference.norm(shift), 0.2, rtol=1e-5)
+    np.testing.assert_allclose(float(state.perturbation_norm), 0.2, rtol=1e-5)
+    p = jax.tree.map(lambda x: 0.8 * x + 0.1, p)
+  m = [0.7 * a + 0.3 * b for a, b in zip(gs[0], gs[1])]
+  want = [g - 0.5 * mi for g, mi in zip(gs[2], m)]
+  cos = reference.dot(shift, want) / (reference.norm(shift)
+                                      * reference.norm(want))
+  np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+
+
+# -------------------------------------------------------- LookSAM's skip
+def _counting_grad_fn(loss, calls):
+  grad = jax.grad(loss)
+
+  def grad_fn(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return grad(p)
+  return grad_fn
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_looksam_evaluates_grad_fn_once_per_k_steps_under_jit(k):
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  opt = samtx.looksam(LR, 0.1, k=k, momentum=0.9)
+  calls, traces = [], []
+  grad_fn = _counting_grad_fn(loss, calls)
+
+  @jax.jit
+  def step(p, s):
+    traces.append(None)
+    u, s = opt.update(jax.grad(loss)(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  p, s = params, opt.init(params)
+  for n in range(1, 3 * k + 1):
+    p, s = step(p, s)
+    jax.effects_barrier()
+    assert len(calls) == -(-n // k), n
+  assert len(traces) == 1
+
+
+def _cond_branches(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      return eqn.params["branches"]
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      found = _cond_branches(sub)
+      if found is not None:
+        return found
+  return None
+
+
+def test_looksam_skip_branch_contains_no_grad_fn_call():
+  """The compiled step's false branch holds no trace of grad_fn at all."""
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  tx = samtx.looksam_perturbation(0.1, k=5)
+  grad_fn = _counting_grad_fn(loss, [])
+  jaxpr = jax.make_jaxpr(
+      lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
+          jax.grad(loss)(params), tx.init(params), params)
+  skip, second_pass = _cond_branches(jaxpr.jaxpr)
+  has_callback = lambda j: "debug_callback" in str(j)
+  assert not has_callback(skip) and has_callback(second_pass)
+  # The skip branch is a handful of elementwise ops and one norm, not a
+  # forward-backward pass of the model.
+  assert len(skip.jaxpr.eqns) < len(second_pass.jaxpr.eqns) / 2
+
+
+def test_looksam_reuse_step_keeps_g_v_and_the_reported_norm():
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  tx = samtx.looksam_perturbation(0.1, k=3)
+  grad = jax.grad(loss)
+  state = tx.init(params)
+  _, first = tx.update(grad(params), state, params, grad_fn=grad)
+  np.testing.assert_allclose(float(first.perturbation_norm), 0.1, rtol=1e-5)
+  np.testing.assert_allclose(
+      float(first.inner.g_v_norm), reference.norm(helpers.leaves(
+          first.inner.g_v)), rtol=1e-5)
+  moved = jax.tree.map(lambda x: x + 0.1, params)
+  _, second = tx.update(grad(moved), first, moved, grad_fn=grad)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    if a.dtype != jnp.int32:
+      np.testing.assert_array_equal(a, b)
+  assert int(second.count) == 2
+
+
+# ------------------------------------------------------ data and model axes
+def _device_loss(loss, i, params):
+  """A different loss per device: shifted by the device index ``i``."""
+  return loss(params) + i * sum(jnp.sum(jnp.sin(x))
+                                for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("make", [
+    functools.partial(samtx.gsam_perturbation, 0.1),
+    functools.partial(samtx.looksam_perturbation, 0.1, k=2),
+])
+def test_axis_name_averages_the_per_device_outputs(make):
+  """Each device applies the rule to its own g and h; the outputs are
+  averaged (one pmean), on LookSAM's reuse steps as on its second passes."""
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  devices = 4
+  shift = functools.partial(_device_loss, loss)
+  grads = jax.vmap(lambda i: jax.grad(functools.partial(shift, i))(params))(
+      jnp.arange(devices, dtype=jnp.float32))
+  mapped, single = make(axis_name="batch"), make()
+  state = jax.vmap(lambda _: mapped.init(params))(jnp.arange(devices))
+  singles = [single.init(params) for _ in range(devices)]
+
+  def device_update(i, g, s):
+    return mapped.update(g, s, params,
+                         grad_fn=jax.grad(functools.partial(shift, i)))
+
+  update = jax.jit(jax.vmap(device_update, axis_name="batch"))
+  for _ in range(3):
+    out, state = update(jnp.arange(devices, dtype=jnp.float32), grads, state)
+    want = []
+    for i in range(devices):
+      g_i = jax.tree.map(lambda x: x[i], grads)
+      o, singles[i] = single.update(
+          g_i, singles[i], params,
+          grad_fn=jax.grad(functools.partial(shift, float(i))))
+      want.append(o)
+    mean = jax.tree.map(lambda *xs: sum(xs) / devices, *want)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(mean)):
+      for d in range(devices):
+        np.testing.assert_allclose(a[d], b, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    # SAM and LightSAM-I: the same psum path (it was dead on jax 0.10).
+    functools.partial(samtx.sam, LR, 0.1, adaptive=True),
+    functools.partial(samtx.lightsam, LR, 0.1, variant="adagrad_norm"),
+    functools.partial(samtx.gsam, LR, 0.1, adaptive=True),
+    functools.partial(samtx.friendly_sam, LR, 0.1, adaptive=True),
+    functools.partial(samtx.looksam, LR, 0.1, k=2),
+])
+def test_norm_axis_name_under_shard_map_equals_the_unsharded_run(make):
+  """Parameters split over a 'model' axis: every norm and inner product of
+  the rule (inside LookSAM's cond too) sums the blocks, so the trajectory
+  equals the unsharded one."""
+  P = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((4,), ("model",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+  target = {"w": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+  # An elementwise loss sum(cosh(x - t) + 0.1 x^4), gradient written out:
+  # a block's gradient needs only that block, and a replicated leaf's
+  # gradient is not summed over the model axis by shard_map's autodiff.
+  grad_of = lambda p, t: jax.tree.map(
+      lambda x, y: jnp.sinh(x - y) + 0.4 * x ** 3, p, t)
+  specs = {"w": P("model"), "b": P()}
+
+  plain = make()
+  p_plain, s_plain = params, plain.init(params)
+  sharded = make(norm_axis_name="model")
+
+  def local_step(p, s, t):
+    grad_fn = lambda q: grad_of(q, t)
+    u, s = sharded.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  with jax.set_mesh(mesh):
+    put = lambda tree: jax.tree.map(
+        lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(
+            mesh, spec)), tree, specs)
+    p_sh, t_sh = put(params), put(target)
+    s_sh = sharded.init(p_sh)
+    state_specs = jax.tree.map(lambda x: x.sharding.spec, s_sh)
+    step = jax.jit(jax.shard_map(
+        local_step, mesh=mesh, in_specs=(specs, state_specs, specs),
+        out_specs=(specs, state_specs)))
+    for _ in range(3):
+      p_sh, s_sh = step(p_sh, s_sh, t_sh)
+      grad_fn = lambda q: grad_of(q, target)
+      u, s_plain = plain.update(grad_fn(p_plain), s_plain, p_plain,
+                                grad_fn=grad_fn)
+      p_plain = optax.apply_updates(p_plain, u)
+      for a, b in zip(jax.tree.leaves(p_sh), jax.tree.leaves(p_plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6,
+                                   atol=1e-6)
+
+
+# ------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("make,arg", [
+    (lambda: samtx.gsam_perturbation(-0.1), "rho"),
+    (lambda: samtx.gsam(0.1, 0.1, alpha=-0.5), "alpha"),
+    (lambda: samtx.gsam_perturbation(0.1, eps=0.0), "eps"),
+    (lambda: samtx.gsam(-1.0, 0.1), "learning_rate"),
+    (lambda: samtx.wsam(0.1, 0.1, gamma=1.0), "gamma"),
+    (lambda: samtx.wsam_perturbation(0.1, gamma=-0.1), "gamma"),
+    (lambda: samtx.wsam(0.1, -0.1), "rho"),
+    (lambda: samtx.friendly_sam(0.1, 0.1, sigma=-1.0), "sigma"),
+    (lambda: samtx.friendly_sam(0.1, 0.1, lmbda=1.0), "lmbda"),
+    (lambda: samtx.friendly_sam_perturbation(0.1, lmbda=float("nan")),
+     "lmbda"),
+    (lambda: samtx.friendly_sam(0.1, 0.1, momentum=1.5), "momentum"),
+    (lambda: samtx.looksam(0.1, 0.1, k=0), "k"),
+    (lambda: samtx.looksam_perturbation(0.1, k=2.5), "k"),
+    (lambda: samtx.looksam_perturbation(0.1, k=True), "k"),
+    (lambda: samtx.looksam(0.1, 0.1, alpha=-0.1), "alpha"),
+    (lambda: samtx.looksam(0.1, 0.1, nesterov=True), "nesterov"),
+    (lambda: samtx.looksam_perturbation(0.1, axis_name=3), "axis_name"),
+    (lambda: samtx.gsam(0.1, jnp.ones(2)), "rho"),
+])
+def test_bad_arguments_are_named(make, arg):
+  with pytest.raises((ValueError, TypeError), match=arg):
+    make()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: samtx.gsam_perturbation(0.1),
+    lambda: samtx.friendly_sam_perturbation(0.1),
+    lambda: samtx.looksam_perturbation(0.1, k=3),
+])
+def test_missing_grad_fn_is_a_clear_error(make):
+  tx = make()
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(TypeError, match="grad_fn"):
+    tx.update(params, tx.init(params), params)
