@@ -412,6 +412,35 @@ def test_missing_grad_fn_is_a_clear_error(make):
     tx.update(params, tx.init(params), params)
 
 
+# ------------------------------------------------------------ donation
+@pytest.mark.parametrize("name", ["gsam", "friendly_sam", "looksam"])
+def test_donated_step_compiles_once_and_updates_in_place(name):
+  """Every parameter and state array (LookSAM's g_v through both branches of
+  its cond too) is written into its donated input, with no host round trip
+  and no retrace."""
+  opt = FAMILY[name](0.1, momentum=0.9)
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  grad_fn = jax.grad(loss)
+  traces = []
+
+  def step(p, s):
+    traces.append(None)
+    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = jax.tree.map(lambda x: x.copy(), opt.init(params))
+  compiled = step.lower(params, state).compile()
+  arrays = [x for x in jax.tree.leaves((params, state)) if x.ndim > 0]
+  assert compiled.memory_analysis().alias_size_in_bytes >= sum(
+      x.nbytes for x in arrays)
+  with jax.transfer_guard("disallow"):
+    for _ in range(4):
+      params, state = step(params, state)
+  assert all(x.is_deleted() for x in arrays)
+  assert len(traces) == 1
+
+
 # ------------------------------------------------------- LightSAM's norm
 @pytest.mark.parametrize("variant", samtx.LIGHTSAM_VARIANTS)
 @pytest.mark.parametrize("complex_leaves", [False, True])
