@@ -34,28 +34,25 @@ def _check(dtype, opt, rule, momentum, nesterov):
 
 
 # ------------------------------------------------------------- references
-@pytest.mark.parametrize("adaptive,momentum,nesterov", SETTINGS)
-def test_gsam_matches_reference(dtype, adaptive, momentum, nesterov):
-  opt = samtx.gsam(LR, 0.1, alpha=0.6, adaptive=adaptive,
-                   momentum=momentum or None, nesterov=nesterov)
-  _check(dtype, opt, reference.gsam_rule(0.1, 0.6, adaptive=adaptive),
-         momentum, nesterov)
+# name -> (alias, its rule's kwargs, reference rule for a given adaptive)
+RULES = {
+    "gsam": (samtx.gsam, dict(alpha=0.6),
+             lambda adaptive: reference.gsam_rule(0.1, 0.6, adaptive=adaptive)),
+    "wsam": (samtx.wsam, dict(gamma=0.8),
+             lambda adaptive: reference.wsam_rule(0.1, 0.8, adaptive=adaptive)),
+    "friendly_sam": (samtx.friendly_sam, dict(sigma=0.8, lmbda=0.6),
+                     lambda adaptive: reference.FriendlySAMRule(
+                         0.1, 0.8, 0.6, adaptive=adaptive)),
+}
 
 
 @pytest.mark.parametrize("adaptive,momentum,nesterov", SETTINGS)
-def test_wsam_matches_reference(dtype, adaptive, momentum, nesterov):
-  opt = samtx.wsam(LR, 0.1, gamma=0.8, adaptive=adaptive,
-                   momentum=momentum or None, nesterov=nesterov)
-  _check(dtype, opt, reference.wsam_rule(0.1, 0.8, adaptive=adaptive),
-         momentum, nesterov)
-
-
-@pytest.mark.parametrize("adaptive,momentum,nesterov", SETTINGS)
-def test_friendly_sam_matches_reference(dtype, adaptive, momentum, nesterov):
-  opt = samtx.friendly_sam(LR, 0.1, sigma=0.8, lmbda=0.6, adaptive=adaptive,
-                           momentum=momentum or None, nesterov=nesterov)
-  rule = reference.FriendlySAMRule(0.1, 0.8, 0.6, adaptive=adaptive)
-  _check(dtype, opt, rule, momentum, nesterov)
+@pytest.mark.parametrize("name", RULES)
+def test_matches_reference(dtype, name, adaptive, momentum, nesterov):
+  alias, kwargs, rule = RULES[name]
+  opt = alias(LR, 0.1, adaptive=adaptive, momentum=momentum or None,
+              nesterov=nesterov, **kwargs)
+  _check(dtype, opt, rule(adaptive), momentum, nesterov)
 
 
 @pytest.mark.parametrize("k,momentum,nesterov", [(2, 0.0, False),
