@@ -42,8 +42,9 @@ class PerturbationState(NamedTuple):
       schedules).
     perturbation_norm: global L2 norm of the last perturbation ``e``
       (a scalar metric, 0 before the first step).
-    inner: the ascent rule's own statistics (``optax.EmptyState`` for SAM and
-      ASAM; the preconditioner state for LightSAM).
+    inner: the rule's own statistics (``optax.EmptyState`` for SAM, ASAM,
+      GSAM and WSAM; the preconditioner state for LightSAM;
+      :class:`FriendlySAMState` and :class:`LookSAMState`).
   """
   count: jax.Array
   perturbation_norm: jax.Array
