@@ -604,9 +604,13 @@ def friendly_sam_perturbation(
     # zero decay there makes m = g.
     direction = jax.tree.map(
         lambda g, m: g - (sigma * m).astype(g.dtype), grads, inner.momentum)
+    # ``m + 0 d`` (= m for finite d) makes the in-place update of a donated
+    # m wait for the read that builds d; with two unordered readers XLA:CPU
+    # copies every m leaf each step instead.
+    momentum = jax.tree.map(lambda m, d: m + 0 * d, inner.momentum, direction)
     decay = jnp.where(count == 0, 0.0, lmbda)
     return direction, FriendlySAMState(
-        momentum=_common.ema(inner.momentum, grads, decay))
+        momentum=_common.ema(momentum, grads, decay))
 
   ascent = _sam_ascent(adaptive=adaptive, eta=0.0, eps=eps,
                        norm_axis_name=norm_axis_name,
