@@ -354,12 +354,7 @@ def wsam(
     rho: ``>= 0``, a float or an optax schedule.
     gamma: sharpness weight in ``[0, 1)`` (0.5 is SAM).
     adaptive: ASAM's ascent point.
-    momentum: SGD momentum in ``[0, 1)``; ``None`` (or 0) keeps no momentum
-      buffer.
-    nesterov: Nesterov momentum.
-    axis_name: average the output over this mapped axis.
-    norm_axis_name: mesh axes the parameters are sharded over inside
-      ``jax.shard_map`` (see :func:`samtx.sam_perturbation`).
+    momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
@@ -409,12 +404,7 @@ def friendly_sam(
     sigma: ``>= 0``, how much of the gradient's running mean to remove.
     lmbda: decay of the running mean, in ``[0, 1)``.
     adaptive: ASAM's scaling of the ascent direction.
-    momentum: SGD momentum in ``[0, 1)``; ``None`` (or 0) keeps no momentum
-      buffer.
-    nesterov: Nesterov momentum.
-    axis_name: average the output over this mapped axis.
-    norm_axis_name: mesh axes the parameters are sharded over inside
-      ``jax.shard_map`` (see :func:`samtx.sam_perturbation`).
+    momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
@@ -462,12 +452,7 @@ def looksam(
     rho: ``>= 0``, a float or an optax schedule.
     k: second gradient every ``k`` steps, an int ``>= 1``.
     alpha: ``>= 0``, the weight of the reused direction.
-    momentum: SGD momentum in ``[0, 1)``; ``None`` (or 0) keeps no momentum
-      buffer.
-    nesterov: Nesterov momentum.
-    axis_name: average the output over this mapped axis.
-    norm_axis_name: mesh axes the parameters are sharded over inside
-      ``jax.shard_map`` (see :func:`samtx.sam_perturbation`).
+    momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
