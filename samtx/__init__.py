@@ -11,7 +11,6 @@ from samtx.aliases import wsam
 from samtx.guards import apply_if_finite
 from samtx.moments import LIGHTSAM_VARIANTS
 from samtx.moments import lightsam_preconditioner
-from samtx.moments import preconditioned_sq_norm
 from samtx.moments import scale_by_adagrad
 from samtx.moments import scale_by_adagrad_norm
 from samtx.moments import scale_by_adam_uncorrected
@@ -64,7 +63,6 @@ __all__ = (
     "scale_by_adagrad",
     "scale_by_adam_uncorrected",
     "lightsam_preconditioner",
-    "preconditioned_sq_norm",
     "LIGHTSAM_VARIANTS",
     "ScaleByAmsgradState",
     "ScaleByAdagradNormState",

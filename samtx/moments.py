@@ -33,7 +33,6 @@ __all__ = [
     "scale_by_adagrad",
     "scale_by_adam_uncorrected",
     "lightsam_preconditioner",
-    "preconditioned_sq_norm",
     "LIGHTSAM_VARIANTS",
 ]
 
@@ -386,47 +385,3 @@ def lightsam_preconditioner(
     return scale_by_adam_uncorrected(b1, b2, eps)
   raise ValueError(
       f"LightSAM: variant must be one of {LIGHTSAM_VARIANTS}, got {variant!r}.")
-
-
-def preconditioned_sq_norm(variant: str, updates, state, *,
-                           norm_axis_name=None) -> jax.Array:
-  """``||P(updates)||^2`` of a LightSAM preconditioner, from its new state.
-
-  ``state`` is what :func:`lightsam_preconditioner` returned with
-  ``P(updates)``. The norm is summed as ``|numerator|^2 / accumulator``
-  instead of being read back from ``P(updates)``: XLA:CPU has no
-  multi-output fusion, so a second reader of the scaled tree would keep it
-  in memory (one extra parameter-sized write and read per step), while this
-  form lets the scaled tree fuse into its only other consumer. Equal to the
-  norm of ``P(updates)`` up to float rounding.
-
-  Args:
-    variant: as in :func:`lightsam_preconditioner`.
-    updates: the tree the preconditioner was applied to.
-    state: the preconditioner's state after that update.
-    norm_axis_name: model axes to sum over (see :func:`scale_by_adagrad_norm`).
-
-  Returns:
-    A real scalar in the tree's statistics dtype.
-  """
-  dtype = _common.tree_stat_dtype(updates)
-  if variant == "adagrad_norm":
-    return _common.global_sq_norm(
-        updates, dtype, norm_axis_name) / state.sum_of_squares.astype(dtype)
-  if variant == "adagrad":
-    numerator, accumulator = updates, state.sum_of_squares
-  elif variant == "adam":
-    numerator, accumulator = state.mu, state.nu
-  else:
-    raise ValueError(f"LightSAM: variant must be one of {LIGHTSAM_VARIANTS},"
-                     f" got {variant!r}.")
-  # Written as conj(n) (n / a), not |n|^2 / (a + tiny): an expression the
-  # update also computes (``g^2`` for AdaGrad, ``a + tiny``) would be shared
-  # by two fusions and kept in memory. Accumulators are >= eps**2 > 0.
-  def leaf_sum(n, a):
-    n = n.astype(_common.stat_dtype(n.dtype))
-    return jnp.sum(jnp.real(jnp.conj(n) * (n / a)))
-  return _common.tree_sum(
-      [(n, leaf_sum(n, a))
-       for n, a in zip(jax.tree.leaves(numerator),
-                       jax.tree.leaves(accumulator))], norm_axis_name, dtype)

@@ -333,12 +333,9 @@ def lightsam_perturbation(
   def ascent(grads, inner, params, rho_t, count):
     del params, count
     direction, inner = preconditioner.update(grads, inner)
-    perturbation = jax.tree.map(
-        lambda d: _common.to_stat(d) * rho_t, direction)
-    # Not global_norm(direction): that second reader would keep the
-    # direction in memory instead of fusing it into params + perturbation.
-    norm = rho_t * jnp.sqrt(moments.preconditioned_sq_norm(
-        variant, grads, inner, norm_axis_name=norm_axis_name))
+    direction = _common.to_stat(direction)
+    perturbation = jax.tree.map(lambda d: d * rho_t, direction)
+    norm = rho_t * _common.global_norm(direction, None, norm_axis_name)
     return perturbation, norm, inner
 
   return _two_pass(who, rho, axis_name, preconditioner.init, ascent,

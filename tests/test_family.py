@@ -436,27 +436,3 @@ def test_donated_step_compiles_once_and_updates_in_place(name):
       params, state = step(params, state)
   assert all(x.is_deleted() for x in arrays)
   assert len(traces) == 1
-
-
-# ------------------------------------------------------- LightSAM's norm
-@pytest.mark.parametrize("variant", samtx.LIGHTSAM_VARIANTS)
-@pytest.mark.parametrize("complex_leaves", [False, True])
-def test_preconditioned_sq_norm_equals_the_norm_of_the_scaled_tree(
-    variant, complex_leaves):
-  """LightSAM reports its perturbation's norm from the preconditioner state
-  (so the scaled tree is never read twice); it must equal the direct norm."""
-  rng = np.random.default_rng(1)
-  dtype = jnp.complex64 if complex_leaves else jnp.float32
-  make = lambda shape: jnp.asarray(
-      rng.normal(size=shape) + (1j * rng.normal(size=shape)
-                                if complex_leaves else 0), dtype)
-  params = {"w": make((5, 3)), "b": make(3)}
-  pre = samtx.lightsam_preconditioner(variant, b1=0.5, b2=0.7)
-  state = pre.init(params)
-  for _ in range(3):
-    grads = jax.tree.map(lambda x: make(x.shape), params)
-    scaled, state = pre.update(grads, state)
-    got = samtx.preconditioned_sq_norm(variant, grads, state)
-    want = reference.norm([np.abs(np.asarray(x)) for x in
-                           jax.tree.leaves(scaled)]) ** 2
-    np.testing.assert_allclose(float(got), want, rtol=1e-5)
