@@ -1,13 +1,22 @@
 # Everything a fresh machine with Python 3.11 and make needs:
 #   make demo   - create .venv, install samtx, run the main comparison job
 #   make test   - create .venv if needed, install, run the whole test suite
+# and for CI (.ci/run) and contributors:
+#   make docs        - the Sphinx site in docs/_build/html (warnings are errors)
+#   make lint        - ruff (configuration in pyproject.toml)
+#   make typecheck   - mypy on samtx/
+#   make wheel-smoke - build the wheel, install it without extras in a fresh
+#                      venv, import and step it there, remove the venv
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
+DOCS_STAMP := $(VENV)/.docs-stamp
+LINT_STAMP := $(VENV)/.lint-stamp
+SPHINXOPTS ?= -j 1 -W --keep-going
 
-.PHONY: install test test-fast demo bench-quick clean
+.PHONY: install test test-fast demo bench-quick docs lint typecheck wheel-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +32,32 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m samtx.cli compare
 
+# The docs and lint tools come from their own extras, so `make test` stays lean.
+$(DOCS_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@
+
+$(LINT_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[lint]"
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx $(SPHINXOPTS) -b html docs docs/_build/html
+
+lint: $(LINT_STAMP)
+	$(BIN)/python -m ruff check .
+
+typecheck: $(LINT_STAMP)
+	$(BIN)/python -m mypy
+
+wheel-smoke: $(LINT_STAMP)
+	$(BIN)/python .ci/wheel_smoke.py
+
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py --quick
 	$(BIN)/python benchmarks/linear_speedup.py --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache docs/_build docs/examples dist build

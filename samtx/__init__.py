@@ -32,6 +32,7 @@ from samtx.perturbations import LookSAMState
 from samtx.perturbations import PerturbationState
 from samtx.perturbations import sam_perturbation
 from samtx.perturbations import wsam_perturbation
+from samtx.wrappers import lookahead
 
 __version__ = "0.1.0"
 
@@ -79,8 +80,9 @@ __all__ = (
     "wsam",
     "friendly_sam",
     "looksam",
-    # guards
+    # guards and wrappers
     "apply_if_finite",
+    "lookahead",
     # one-pass helpers
     "MSAMState",
     "unperturb",

@@ -89,10 +89,10 @@ def _sharded_axes(leaf, norm_axis_name) -> tuple:
     return ()
   names = ((norm_axis_name,) if isinstance(norm_axis_name, str)
            else tuple(norm_axis_name))
-  return tuple(name for name in names if name in _varying_axes(leaf))
+  return tuple(name for name in names if name in varying_axes(leaf))
 
 
-def _varying_axes(leaf) -> frozenset:
+def varying_axes(leaf) -> frozenset:
   """The mesh axes ``leaf`` varies over inside ``shard_map`` (else empty).
 
   jax < 0.10 calls this set ``aval.vma``; jax 0.10 keeps it in
@@ -100,10 +100,10 @@ def _varying_axes(leaf) -> frozenset:
   which silently made every leaf look replicated (no psum at all).
   """
   aval = jax.typeof(leaf)
-  varying = getattr(aval, "vma", None)
+  varying: Any = getattr(aval, "vma", None)
   if varying is None:
-    varying = getattr(getattr(aval, "mat", None), "varying", frozenset())
-  return varying
+    varying = getattr(getattr(aval, "mat", None), "varying", ())
+  return frozenset(varying)
 
 
 def tree_sum(partials, norm_axis_name=None, dtype=None) -> jax.Array:
@@ -113,7 +113,7 @@ def tree_sum(partials, norm_axis_name=None, dtype=None) -> jax.Array:
   its local scalar. Partials that vary over the same model axes are added
   first, so there is one ``psum`` per distinct set of axes, not per leaf.
   """
-  groups = {}
+  groups: dict = {}
   for leaf, partial in partials:
     axes = _sharded_axes(leaf, norm_axis_name)
     groups[axes] = groups.get(axes, 0) + partial.astype(dtype)

@@ -12,6 +12,10 @@ SAM-specific details right:
 * **MSAM**: the weights a training loop holds carry the perturbation;
   :func:`eval_params`, :func:`eval_variables` and :func:`eval_model` return the
   weights to evaluate or export (via :func:`samtx.unperturb`).
+* **Several devices**: with ``mesh=`` (or ``axis_name=`` inside your own
+  ``shard_map``/``pmap``) the step builders train data-parallel: per-device
+  dropout keys, BatchNorm statistics averaged over devices (identical copies
+  everywhere), m-sharpness or one global perturbation, averaged metrics.
 * **Metrics for free**: :func:`make_train_step` and
   :func:`make_nnx_train_step` return the loss at the held weights, the loss
   at the perturbed point and the perturbation norm while running exactly the
@@ -23,6 +27,7 @@ import this module as ``samtx.flax`` or ``from samtx import flax as samtx_flax``
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Mapping
@@ -32,12 +37,19 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from flax import struct
-from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
-from flax.training import train_state
+try:
+  from flax import nnx
+  from flax import struct
+  from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
+  from flax.training import train_state
+except ImportError as error:
+  # Flax is an optional extra: the core `import samtx` does not need it.
+  raise ImportError(
+      "samtx.flax needs Flax, which is an optional dependency of samtx: "
+      "install it with `pip install 'samtx[flax]'`.") from error
 
 from samtx import _common
+from samtx import parallel as _parallel
 from samtx.msam import MSAMState
 from samtx.msam import unperturb
 from samtx.perturbations import PerturbationState
@@ -55,6 +67,7 @@ __all__ = [
 ]
 
 Metrics = dict
+_REPLICATED = jax.sharding.PartitionSpec()
 
 
 # ----------------------------------------------------------------------------
@@ -74,27 +87,9 @@ def _check_bool(name: str, value, who: str) -> None:
 
 def _split_aux(out, has_aux: bool, who: str):
   """``(loss, aux)`` from a loss function's output, with shape checks."""
-  if has_aux:
-    if not (isinstance(out, tuple) and len(out) == 2):
-      raise TypeError(
-          f"{who}: with has_aux=True, loss_fn must return (loss, aux) where"
-          f" aux is a dict of metrics; got {type(out).__name__}.")
-    loss, aux = out
-    if not isinstance(aux, Mapping):
-      raise TypeError(
-          f"{who}: with has_aux=True, aux must be a dict of metrics, got"
-          f" {type(aux).__name__}.")
-  else:
-    if isinstance(out, tuple):
-      raise TypeError(
-          f"{who}: loss_fn returned a tuple; pass has_aux=True when it returns"
-          " (loss, aux).")
-    loss, aux = out, {}
-  if jnp.ndim(loss) != 0:
-    raise ValueError(
-        f"{who}: loss_fn must return a scalar loss, got shape"
-        f" {jnp.shape(loss)}.")
-  return loss, dict(aux)
+  loss, _, aux = _parallel._split_loss_output(
+      out, has_aux=has_aux, has_model_state=False, who=who)
+  return loss, aux
 
 
 class _LossRecorder:
@@ -191,15 +186,51 @@ def _takes_extra_args(tx) -> bool:
 
 
 def _metrics(loss, perturbed_loss, norm, aux, who) -> Metrics:
-  metrics = {"loss": loss, "perturbed_loss": perturbed_loss,
-             "perturbation_norm": norm}
-  clash = sorted(set(aux) & set(metrics))
-  if clash:
-    raise ValueError(
-        f"{who}: aux metrics {clash} clash with the metrics samtx returns;"
-        " rename them.")
-  metrics.update(aux)
-  return metrics
+  return _parallel._merge_metrics(
+      {"loss": loss, "perturbed_loss": perturbed_loss,
+       "perturbation_norm": norm}, aux, who)
+
+
+def _data_axis(mesh, axis_name, m_sharpness, who) -> _parallel._DataAxis:
+  """The data axis of a multi-device step (``None``: one device)."""
+  _check_bool("m_sharpness", m_sharpness, who)
+  if mesh is not None:
+    axis_name = "batch" if axis_name is None else axis_name
+    _parallel._check_mesh(mesh, axis_name, who)
+  if axis_name is not None and not isinstance(axis_name, str):
+    raise TypeError(f"{who}: axis_name must be None or a str, got"
+                    f" {axis_name!r}.")
+  # pcast is a no-op under pmap and required under shard_map.
+  return _parallel._DataAxis(axis_name, m_sharpness=m_sharpness, manual=True)
+
+
+def _over_mesh(body, mesh, axis, n_state, who, probe):
+  """``body(*state, *batch_args)`` as a jitted ``shard_map`` over ``mesh``.
+
+  The first ``n_state`` arguments are replicated (model, optimizer state,
+  keys); the others are batch arguments split along their leading axis.
+  ``probe(*state)`` checks the optimizer's ``axis_name`` before tracing.
+  """
+  axis_name = axis.axis_name
+  n = int(mesh.shape[axis_name])
+
+  def step(*args):
+    state, batch = args[:n_state], args[n_state:]
+    _parallel._check_divisible(batch, n, who)
+    probe(*state)
+    # On an Explicit mesh shard_map's inputs must already carry its specs.
+    place = lambda tree, spec: _parallel._constrain_specs(
+        tree, mesh, _parallel._spec_tree(spec, tree, who, "inputs"))
+    state = place(state, _REPLICATED)
+    batch = place(batch, jax.sharding.PartitionSpec(axis_name))
+    mapped = jax.shard_map(
+        body, mesh=mesh,
+        in_specs=(_REPLICATED,) * n_state
+        + (jax.sharding.PartitionSpec(axis_name),) * len(batch),
+        out_specs=_REPLICATED)
+    return mapped(*state, *batch)
+
+  return step
 
 
 # ----------------------------------------------------------------------------
@@ -366,7 +397,8 @@ def _as_rngs(rngs, who):
       f" {type(rngs).__name__}.")
 
 
-def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
+def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
+                    mesh=None, axis_name=None, m_sharpness: bool = True):
   """Builds a linen training step for any samtx (or optax) optimizer.
 
   ``loss_fn(params, batch, apply)`` computes the loss; it calls the model
@@ -389,14 +421,37 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
   ``loss``); ``perturbation_norm`` see :func:`perturbation_norm`. With
   ``has_aux=True`` the dict ``aux`` of the clean pass is merged in.
 
+  **Several devices** (data parallel). With ``mesh`` the step is a jitted
+  ``jax.shard_map`` over the mesh's ``axis_name`` axis (default
+  ``"batch"``): ``state`` is replicated, ``batch`` is the *global* batch
+  (split along its leading axis) and the step
+
+  * gives every device its own dropout key (``rngs`` folded with the device
+    index; the perturbed pass reuses it);
+  * averages the clean pass's BatchNorm statistics over devices, so they
+    stay identical everywhere (each device normalises with its own batch's
+    statistics, like ``pmap``-ed Flax examples);
+  * perturbs per device (``m_sharpness=True``, the SAM paper's m-sharpness)
+    or along the averaged gradient (``m_sharpness=False``: the run equals
+    one device on the whole batch when the model has no BatchNorm);
+  * returns metrics averaged over devices.
+
+  Two-pass optimizers must be built with ``axis_name`` equal to the step's.
+  With ``axis_name`` but no ``mesh`` the returned function is the per-device
+  body, to call inside your own ``jax.shard_map`` or ``jax.pmap``.
+
   Args:
     loss_fn: ``(params, batch, apply) -> loss`` or ``(loss, aux)``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)`` with ``aux`` a dict.
+    mesh: a ``jax.sharding.Mesh`` to train data-parallel on, or ``None``.
+    axis_name: the data axis (``"batch"`` when ``mesh`` is given).
+    m_sharpness: per-device perturbations (multi-device only).
 
   Returns:
-    ``train_step(state, batch, rngs=None) -> (state, metrics)``, a pure
-    function to wrap in ``jax.jit``. ``rngs`` is a PRNG key (used as the
-    ``'dropout'`` stream) or a dict of keys; use a fresh key every step, e.g.
+    ``train_step(state, batch, rngs=None) -> (state, metrics)``. Without
+    ``mesh`` a pure function to wrap in ``jax.jit``; with ``mesh`` already
+    jitted. ``rngs`` is a PRNG key (used as the ``'dropout'`` stream) or a
+    dict of keys; use a fresh key every step, e.g.
     ``jax.random.fold_in(key, state.step)``.
 
   Example:
@@ -425,10 +480,12 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
   who = "samtx.flax.make_train_step"
   _check_callable("loss_fn", loss_fn, who)
   _check_bool("has_aux", has_aux, who)
+  axis = _data_axis(mesh, axis_name, m_sharpness, who)
 
   def train_step(state, batch, rngs=None):
-    rngs = _as_rngs(rngs, who)
+    rngs = axis.fold(_as_rngs(rngs, who))
     batch_stats = getattr(state, "batch_stats", None)
+    two_pass = bool(_parallel._perturbation_states(state.opt_state))
 
     def forward(params):
       """One forward pass; returns (loss, (aux, new_batch_stats))."""
@@ -448,22 +505,38 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
       return loss, (aux, mutated.get("batch_stats", batch_stats))
 
     value_and_grad = jax.value_and_grad(forward, has_aux=True)
-    (loss, (aux, new_batch_stats)), grads = value_and_grad(state.params)
+    (loss, (aux, new_batch_stats)), grads = value_and_grad(
+        axis.vary(state.params))
     recorder = _LossRecorder()
 
     def grad_fn(params):
-      (perturbed_loss, _), perturbed_grads = value_and_grad(params)
+      (perturbed_loss, _), perturbed_grads = value_and_grad(axis.vary(params))
       recorder.record(perturbed_loss)  # statistics of this pass: discarded
       return perturbed_grads
 
-    new_state = apply_gradients(state, grads=grads, grad_fn=grad_fn)
+    new_state = apply_gradients(
+        state, grads=axis.gradient(grads, two_pass), grad_fn=grad_fn)
+    new_state = new_state.replace(
+        opt_state=axis.settle(new_state.opt_state, two_pass))
     if batch_stats is not None:
-      new_state = new_state.replace(batch_stats=new_batch_stats)
+      new_state = new_state.replace(batch_stats=axis.mean(new_batch_stats))
     norm = perturbation_norm(state.params, state.opt_state,
                              new_state.opt_state)
-    return new_state, _metrics(loss, recorder.get(loss), norm, aux, who)
+    metrics = _metrics(loss, recorder.get(loss), norm, aux, who)
+    return new_state, axis.mean_metrics(metrics)
 
-  return train_step
+  if mesh is None:
+    return train_step
+
+  def probe(state, rngs):
+    del rngs
+    _parallel._probe_if_two_pass(state.tx, state.params, state.opt_state,
+                                 axis.axis_name, who)
+
+  sharded = jax.jit(_over_mesh(lambda state, rngs, batch: train_step(
+      state, batch, rngs), mesh, axis, 2, who, probe))
+  return lambda state, batch, rngs=None: sharded(
+      state, _as_rngs(rngs, who), batch)
 
 
 # ----------------------------------------------------------------------------
@@ -521,6 +594,12 @@ def make_grad_fn(loss_fn: Callable[..., Any], model: nnx.Module, *args,
   if not isinstance(model, nnx.Module):
     raise TypeError(f"{who}: model must be an nnx.Module, got"
                     f" {type(model).__name__}.")
+  return _snapshot_grad_fn(loss_fn, model, args, kwargs, wrt, has_aux,
+                           lambda params: params, who)
+
+
+def _snapshot_grad_fn(loss_fn, model, args, kwargs, wrt, has_aux, vary, who):
+  """:func:`make_grad_fn`; ``vary`` prepares params for differentiation."""
   graphdef, _, rest = nnx.split(model, wrt, ...)
   # Pure arrays: nnx.merge builds new Variables from them, so updates made by
   # the perturbed pass (BatchStat, RngCount) never reach `model`.
@@ -534,7 +613,7 @@ def make_grad_fn(loss_fn: Callable[..., Any], model: nnx.Module, *args,
   recorder = _LossRecorder()
 
   def grad_fn(params):
-    loss, grads = value_and_grad(nnx.as_pure(params))
+    loss, grads = value_and_grad(vary(nnx.as_pure(params)))
     recorder.record(loss)
     grad_fn.loss = loss
     return grads
@@ -544,7 +623,8 @@ def make_grad_fn(loss_fn: Callable[..., Any], model: nnx.Module, *args,
   return grad_fn
 
 
-def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
+def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
+                        mesh=None, axis_name=None, m_sharpness: bool = True):
   """Builds an NNX training step for an ``nnx.Optimizer`` holding any samtx optimizer.
 
   The step snapshots the model (:func:`make_grad_fn`), runs the clean pass
@@ -557,13 +637,24 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
   Metrics are those of :func:`make_train_step`: ``loss`` (at the held
   weights), ``perturbed_loss``, ``perturbation_norm``, plus ``aux``.
 
+  **Several devices**: as :func:`make_train_step`. With ``mesh`` every
+  positional argument after the optimizer is a global batch split along its
+  leading axis; the model and optimizer are replicated, updated in place and
+  stay identical on every device (BatchNorm statistics averaged, each
+  device's ``nnx.Rngs`` keys folded with its index for the step).
+
   Args:
     loss_fn: ``(model, *args) -> loss`` or ``(loss, aux)`` with aux a dict.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    mesh: a ``jax.sharding.Mesh`` to train data-parallel on, or ``None``.
+    axis_name: the data axis (``"batch"`` when ``mesh`` is given); without
+      ``mesh``, the per-device body for your own ``shard_map``/``pmap``.
+    m_sharpness: per-device perturbations (multi-device only).
 
   Returns:
     ``train_step(model, optimizer, *args) -> metrics``, which updates
-    ``model`` and ``optimizer`` in place; wrap it in ``nnx.jit``.
+    ``model`` and ``optimizer`` in place. Without ``mesh`` wrap it in
+    ``nnx.jit``; with ``mesh`` it is already compiled.
 
   Example:
     >>> import jax.numpy as jnp, samtx
@@ -583,6 +674,8 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
   who = "samtx.flax.make_nnx_train_step"
   _check_callable("loss_fn", loss_fn, who)
   _check_bool("has_aux", has_aux, who)
+  axis = _data_axis(mesh, axis_name, m_sharpness, who)
+  several = axis.axis_name is not None
 
   def clean_loss(model, *args):
     return _split_aux(loss_fn(model, *args), has_aux, who)
@@ -592,21 +685,82 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False):
       raise TypeError(f"{who}: optimizer must be an nnx.Optimizer, got"
                       f" {type(optimizer).__name__}.")
     wrt = optimizer.wrt
-    grad_fn = make_grad_fn(loss_fn, model, *args, wrt=wrt, has_aux=has_aux)
     params = nnx.as_pure(nnx.state(model, wrt))
     old_opt_state = nnx.as_pure(optimizer.opt_state)
+    two_pass = bool(_parallel._perturbation_states(old_opt_state))
+    if several:
+      # This device's keys for both passes; replicated params are made
+      # device-varying so that their gradient stays local.
+      keys = nnx.as_pure(nnx.state(model, nnx.RngKey))
+      nnx.update(model, axis.vary(params), axis.fold(keys))
+    grad_fn = _snapshot_grad_fn(loss_fn, model, args, {}, wrt, has_aux,
+                                axis.vary, who)
     value_and_grad = nnx.value_and_grad(
         clean_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
     (loss, aux), grads = value_and_grad(model, *args)
+    if several:
+      nnx.update(model, params, keys)
+      model_state = nnx.All(nnx.Not(wrt), nnx.Not(nnx.RngState))
+      nnx.update(model, axis.mean(nnx.as_pure(nnx.state(model, model_state))))
+      grads = axis.gradient(grads, two_pass)
     if _takes_extra_args(optimizer.tx):
       optimizer.update(model, grads, grad_fn=grad_fn)
     else:  # a plain transformation has no use for grad_fn (and rejects it)
       optimizer.update(model, grads)
+    if several and two_pass:
+      _settle_in_place(optimizer.opt_state, axis)
     norm = perturbation_norm(params, old_opt_state,
                              nnx.as_pure(optimizer.opt_state))
-    return _metrics(loss, grad_fn.recorder.get(loss), norm, aux, who)
+    metrics = _metrics(loss, grad_fn.recorder.get(loss), norm, aux, who)
+    return axis.mean_metrics(metrics)
 
-  return train_step
+  if mesh is None:
+    return train_step
+
+  def pure_step(graphdef, values, *args):
+    model, optimizer = nnx.merge(graphdef, values)
+    metrics = train_step(model, optimizer, *args)
+    return nnx.as_pure(nnx.state((model, optimizer))), metrics
+
+  def probe(graphdef, values):
+    model, optimizer = nnx.merge(graphdef, values)
+    _parallel._probe_if_two_pass(
+        optimizer.tx, nnx.as_pure(nnx.state(model, optimizer.wrt)),
+        nnx.as_pure(optimizer.opt_state), axis.axis_name, who)
+
+  def over_mesh(graphdef, values, *args):
+    body = functools.partial(pure_step, graphdef)
+    return _over_mesh(body, mesh, axis, 1, who,
+                      functools.partial(probe, graphdef))(values, *args)
+
+  sharded = jax.jit(over_mesh, static_argnums=0)
+
+  def step(model, optimizer, *args):
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError(f"{who}: optimizer must be an nnx.Optimizer, got"
+                      f" {type(optimizer).__name__}.")
+    graphdef, values = nnx.split((model, optimizer))
+    values, metrics = sharded(graphdef, nnx.as_pure(values), *args)
+    nnx.update((model, optimizer), values)
+    return metrics
+
+  return step
+
+
+def _settle_in_place(opt_state, axis) -> None:
+  """Averages the float leaves of every ``PerturbationState`` over ``axis``.
+
+  The NNX optimizer holds its state in ``Variable`` s: the averaged values
+  are written into them (see ``samtx.parallel`` on m-sharpness).
+  """
+  is_ps = lambda s: isinstance(s, PerturbationState)
+  is_var = lambda v: isinstance(v, nnx.Variable)
+  for state in jax.tree.leaves(opt_state, is_leaf=is_ps):
+    if not is_ps(state):
+      continue
+    for variable in jax.tree.leaves(state, is_leaf=is_var):
+      if jnp.issubdtype(variable[...].dtype, jnp.inexact):
+        variable[...] = axis.mean(variable[...])
 
 
 def eval_model(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.Module:

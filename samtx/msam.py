@@ -10,7 +10,7 @@ persistent state is the base optimizer's plus two scalars.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -291,7 +291,8 @@ def unperturb(params, opt_state):
   """The weights to evaluate or export: the held params minus any perturbation.
 
   For an MSAM state (found anywhere inside ``opt_state``, e.g. in a chain,
-  ``optax.MultiSteps`` or ``optax.inject_hyperparams``) this returns
+  ``optax.MultiSteps``, ``optax.inject_hyperparams``, or ``optax.masked`` /
+  ``optax.multi_transform``, where only the leaves MSAM owns move) this returns
   :math:`x = \\tilde x + c\\, v` with :math:`c = \\rho/(\\|v\\| + 10^{-12})`.
   For optimizers that hold no perturbation (SAM, AdaSAM, LightSAM, plain
   optax) it returns ``params`` unchanged.
@@ -323,5 +324,14 @@ def unperturb(params, opt_state):
         f"unperturb: opt_state holds {len(states)} MSAM states; apply"
         " unperturb to the part of the state that goes with params.")
   state = states[0]
-  shift = _scaled(_momentum_of(state.base_state), state.scale, params)
-  return jax.tree.map(jnp.add, params, shift)
+
+  def shift(momentum, param):
+    # Inside optax.masked / multi_transform, leaves MSAM does not own are
+    # MaskedNode in its state: they carry no perturbation.
+    if isinstance(momentum, optax.MaskedNode):
+      return param
+    return param + (state.scale * momentum.astype(
+        _common.stat_dtype(momentum.dtype))).astype(param.dtype)
+
+  return jax.tree.map(shift, _momentum_of(state.base_state), params,
+                      is_leaf=lambda x: isinstance(x, optax.MaskedNode))

@@ -1,4 +1,4 @@
-"""Data-parallel training steps for samtx optimizers.
+"""Data-parallel and model-sharded training steps for samtx optimizers.
 
 Three ready-made builders turn a user ``loss_fn(params, batch) -> scalar`` and
 an optimizer into a compiled training step
@@ -6,12 +6,31 @@ an optimizer into a compiled training step
 
 - :func:`pmap_step` -- ``jax.pmap`` (one program per device, stacked params);
 - :func:`shard_map_step` -- ``jax.shard_map`` over a ``jax.sharding.Mesh``;
-- :func:`jit_step` -- plain ``jax.jit`` with a ``NamedSharding`` on the batch.
+  parameters replicated, or sharded over model axes with ``param_specs``
+  (tensor parallel: the optimizer is then built with ``norm_axis_name``);
+- :func:`jit_step` -- plain ``jax.jit`` with ``NamedSharding``: the batch is
+  split over the data axis, parameters keep the sharding they arrive with
+  (or the ``param_specs`` given: FSDP, tensor parallel, both) and the
+  optimizer state follows them (:func:`state_specs`).
 
-Parameters and optimizer state stay replicated; ``batch`` is the *global*
-mini-batch (a pytree whose leaves share a leading batch axis), split over the
-devices along that axis. ``metrics["loss"]`` is the clean loss averaged over
-the global batch.
+``batch`` is the *global* mini-batch (a pytree whose leaves share a leading
+batch axis), split over the data-axis devices along that axis.
+``metrics["loss"]`` is the clean loss averaged over the global batch.
+
+Model state and randomness (all builders):
+
+- ``has_model_state=True``: ``loss_fn(params, batch, model_state=...)``
+  returns ``(loss, new_model_state)`` (BatchNorm statistics, counters); the
+  step takes ``model_state=`` and returns
+  ``(params, opt_state, model_state, metrics)``. The new state comes from the
+  clean pass only (the perturbed pass's is discarded) and its float leaves
+  are averaged over the data axis, so it stays identical on every device.
+- ``step(..., rng=key)``: ``loss_fn`` receives ``rng=`` (e.g. a dropout key)
+  folded with the device index (``jax.random.fold_in(key, device)``); both
+  passes of a step use the same key. Use a fresh key every step.
+- ``has_aux=True``: ``loss_fn`` returns ``(loss, aux)`` (or
+  ``(loss, (new_model_state, aux))``) with ``aux`` a dict of scalar metrics,
+  averaged over the data axis and merged into ``metrics``.
 
 Two ways to perturb (two-pass optimizers: SAM, ASAM, AdaSAM, LightSAM):
 
@@ -48,6 +67,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -56,6 +76,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from samtx import _common
 from samtx.perturbations import PerturbationState
 
 __all__ = [
@@ -66,10 +87,14 @@ __all__ = [
     "pmap_replicate",
     "unreplicate",
     "shard_batch",
+    "shard",
+    "state_specs",
+    "init_sharded",
 ]
 
-LossFn = Callable[[Any, Any], jax.Array]
-Step = Callable[[Any, Any, Any], tuple]
+LossFn = Callable[..., Any]
+Step = Callable[..., tuple]
+_is_spec = lambda x: isinstance(x, P)
 
 
 # ----------------------------------------------------------------------------
@@ -121,44 +146,83 @@ def _check_divisible(batch, parts: int, who: str, what: str = "device count"):
   return size
 
 
-def _is_explicit(mesh, axis_name) -> bool:
-  types = getattr(mesh, "axis_types", None)
-  if not types:
-    return False
-  kind = dict(zip(mesh.axis_names, types))[axis_name]
-  return "Explicit" in str(kind)
-
-
-def _constrain(tree, mesh, spec, axis_name):
-  """Places ``tree`` with ``NamedSharding(mesh, spec)`` inside a jit."""
-  sharding = NamedSharding(mesh, spec)
-  if _is_explicit(mesh, axis_name):
-    return jax.tree.map(lambda x: jax.reshard(x, sharding), tree)
-  return jax.lax.with_sharding_constraint(tree, sharding)
+def _is_explicit(mesh) -> bool:
+  types = getattr(mesh, "axis_types", None) or ()
+  return any("Explicit" in str(kind) for kind in types)
 
 
 def _auto_mesh(mesh: Mesh) -> Mesh:
   """The same devices and axis names with every axis of type ``Auto``.
 
-  ``jit_step`` computes on this mesh: collectives of a named ``vmap`` axis
-  over an ``Explicit``-ly sharded dimension are not supported by jax 0.10.
+  The jit steps compute on this mesh: collectives of a named ``vmap`` axis
+  over an ``Explicit``-ly sharded dimension are not supported by jax 0.10,
+  and a user's ``loss_fn`` need not be written for sharding-in-types.
   """
   auto = jax.sharding.AxisType.Auto
   return Mesh(mesh.devices, mesh.axis_names,
               axis_types=(auto,) * len(mesh.axis_names))
 
 
-def _place(tree, mesh, spec):
-  """``jax.device_put`` to ``NamedSharding(mesh, spec)`` (a cast inside jit)."""
-  return jax.device_put(tree, NamedSharding(mesh, spec))
+def _spec_tree(specs, tree, who, what):
+  """``specs`` broadcast to ``tree``: one ``PartitionSpec`` per leaf.
+
+  ``specs`` is a tree of ``PartitionSpec`` with the structure of ``tree`` or
+  a prefix of it (a single ``P()`` covers a whole subtree); ``None`` means
+  replicated.
+  """
+  if specs is None:
+    specs = P()
+  try:
+    return jax.tree.map(
+        lambda spec, sub: jax.tree.map(lambda _: spec, sub), specs, tree,
+        is_leaf=_is_spec)
+  except ValueError as err:
+    raise ValueError(
+        f"{who}: {what} must be a tree of PartitionSpec with the structure of"
+        f" (a prefix of) the tree it describes: {err}") from None
 
 
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))  # older jax spelling
+def _sharding_tree(mesh, specs):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=_is_spec)
+
+
+def _place_specs(tree, mesh, specs):
+  """``jax.device_put`` of every leaf to ``NamedSharding(mesh, its spec)``."""
+  return jax.tree.map(
+      lambda s, x: jax.device_put(x, NamedSharding(mesh, s)), specs, tree,
+      is_leaf=_is_spec)
+
+
+def _constrain_specs(tree, mesh, specs):
+  """Places ``tree`` leafwise with ``NamedSharding(mesh, spec)`` inside a jit."""
+  if _is_explicit(mesh):
+    return jax.tree.map(
+        lambda s, x: jax.reshard(x, NamedSharding(mesh, s)), specs, tree,
+        is_leaf=_is_spec)
+  return jax.tree.map(
+      lambda s, x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s)),
+      specs, tree, is_leaf=_is_spec)
+
+
+def _spec_of(x, mesh) -> P:
+  """The ``PartitionSpec`` of an array on ``mesh``, else replicated."""
+  sharding = getattr(x, "sharding", None)
+  if (isinstance(sharding, NamedSharding)
+      and tuple(sharding.mesh.axis_names) == tuple(mesh.axis_names)
+      and sharding.mesh.devices.shape == mesh.devices.shape
+      and (sharding.mesh.devices == mesh.devices).all()):
+    return sharding.spec
+  return P()
+
+
+def _uses_axes(specs, axes) -> bool:
+  """Whether any ``PartitionSpec`` in ``specs`` shards over one of ``axes``."""
+  used = set()
+  for spec in jax.tree.leaves(specs, is_leaf=_is_spec):
+    for entry in spec:
+      used.update(entry if isinstance(entry, tuple) else (entry,))
+  return bool(used & set(axes))
 
 
 def _mark_varying(tree, axis_name):
@@ -169,7 +233,7 @@ def _mark_varying(tree, axis_name):
   differentiating with respect to a varying copy keeps the local gradient.
   """
   def mark(x):
-    if axis_name in _varying_axes(x):
+    if axis_name in _common.varying_axes(x):
       return x
     return jax.lax.pcast(x, axis_name, to="varying")
   return jax.tree.map(mark, tree)
@@ -180,6 +244,13 @@ def _perturbation_states(state) -> list:
   return [s for s in jax.tree.leaves(state, is_leaf=is_ps) if is_ps(s)]
 
 
+def _mean_inexact(tree, axis_name):
+  """``pmean``s the float leaves of ``tree``; integer leaves are left alone."""
+  return jax.tree.map(
+      lambda x: jax.lax.pmean(x, axis_name)
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x, tree)
+
+
 def _average_perturbation_state(state, axis_name):
   """``pmean``s the float leaves of every ``PerturbationState`` over the axis.
 
@@ -187,23 +258,32 @@ def _average_perturbation_state(state, axis_name):
   them keeps the optimizer state replicated. Integer leaves (counts) are
   identical on all devices and are left alone.
   """
-  def average(s):
-    if not isinstance(s, PerturbationState):
-      return s
-    return jax.tree.map(
-        lambda x: jax.lax.pmean(x, axis_name)
-        if jnp.issubdtype(x.dtype, jnp.inexact) else x, s)
   return jax.tree.map(
-      average, state, is_leaf=lambda s: isinstance(s, PerturbationState))
+      lambda s: _mean_inexact(s, axis_name)
+      if isinstance(s, PerturbationState) else s,
+      state, is_leaf=lambda s: isinstance(s, PerturbationState))
 
 
-def _probe_axis_name(optimizer, grads, state, params, axis_name, who):
+def _bind_axes(fn, axis_names):
+  """``fn`` under trivial ``vmap``s that bind ``axis_names`` (size 1).
+
+  Lets an abstract probe trace an optimizer that reduces over model axes
+  (``norm_axis_name``) outside the ``shard_map`` that binds them.
+  """
+  for name in axis_names:
+    fn = jax.vmap(fn, in_axes=None, out_axes=0, axis_name=name, axis_size=1)
+  return fn
+
+
+def _probe_axis_name(optimizer, grads, state, params, axis_name, who,
+                     other_axes=()):
   """Checks that a two-pass optimizer averages its output over ``axis_name``.
 
   Traces one update abstractly (``jax.eval_shape``, no computation) under
   ``jax.vmap(..., axis_name=axis_name)`` with a per-member gradient. If the
   optimizer averages over ``axis_name`` its updates leave the vmap unbatched;
   otherwise they stay batched (``axis_name=None``) or name an unbound axis.
+  ``other_axes`` (the mesh's model axes) are bound by trivial vmaps.
   """
   spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
   grads_s, state_s, params_s = jax.tree.map(spec, (grads, state, params))
@@ -219,7 +299,7 @@ def _probe_axis_name(optimizer, grads, state, params, axis_name, who):
                     axis_size=2)(g)
 
   try:
-    jax.eval_shape(run, stacked, state_s, params_s)
+    jax.eval_shape(_bind_axes(run, other_axes), stacked, state_s, params_s)
   except NameError as err:
     raise ValueError(
         f"{who}: the optimizer averages over an axis name other than the"
@@ -236,10 +316,12 @@ def _probe_axis_name(optimizer, grads, state, params, axis_name, who):
         f" axis_name={axis_name!r}).") from None
 
 
-def _probe_if_two_pass(optimizer, params, opt_state, axis_name, who):
+def _probe_if_two_pass(optimizer, params, opt_state, axis_name, who,
+                       other_axes=()):
   """Runs :func:`_probe_axis_name` for optimizers with a perturbation."""
   if _perturbation_states(opt_state):
-    _probe_axis_name(optimizer, params, opt_state, params, axis_name, who)
+    _probe_axis_name(optimizer, params, opt_state, params, axis_name, who,
+                     other_axes)
 
 
 def _probe_no_axis(optimizer, grads, state, params, who):
@@ -255,6 +337,173 @@ def _probe_no_axis(optimizer, grads, state, params, who):
         f"{who}: with m_sharpness_groups=None the optimizer must be built"
         f" with axis_name=None (plain jit has no mapped axis): {err}."
         " Either drop axis_name or pass m_sharpness_groups.") from None
+
+
+# ----------------------------------------------------------------------------
+# loss functions with model state, randomness and metrics
+# ----------------------------------------------------------------------------
+
+
+def _split_loss_output(out, *, has_aux: bool, has_model_state: bool, who: str):
+  """``(loss, new_model_state, aux)`` from what a ``loss_fn`` returned.
+
+  Shapes accepted: ``loss``; ``(loss, aux)`` with ``has_aux``;
+  ``(loss, new_model_state)`` with ``has_model_state``; and
+  ``(loss, (new_model_state, aux))`` with both. ``aux`` must be a dict.
+  """
+  def pair(value, what):
+    if not (isinstance(value, tuple) and len(value) == 2):
+      raise TypeError(f"{who}: loss_fn must return {what}; got"
+                      f" {type(value).__name__}.")
+    return value
+
+  model_state, aux = None, {}
+  if has_model_state and has_aux:
+    loss, rest = pair(out, "(loss, (new_model_state, aux))")
+    model_state, aux = pair(rest, "(loss, (new_model_state, aux))")
+  elif has_model_state:
+    loss, model_state = pair(out, "(loss, new_model_state)")
+  elif has_aux:
+    loss, aux = pair(out, "(loss, aux) where aux is a dict of metrics")
+  else:
+    if isinstance(out, tuple):
+      raise TypeError(
+          f"{who}: loss_fn returned a tuple; pass has_aux=True when it returns"
+          " (loss, aux) or has_model_state=True for (loss, new_model_state).")
+    loss = out
+  if not isinstance(aux, Mapping):
+    raise TypeError(f"{who}: with has_aux=True, aux must be a dict of metrics,"
+                    f" got {type(aux).__name__}.")
+  if jnp.ndim(loss) != 0:
+    raise ValueError(f"{who}: loss_fn must return a scalar loss, got shape"
+                     f" {jnp.shape(loss)}.")
+  return loss, model_state, dict(aux)
+
+
+def _merge_metrics(metrics: dict, aux: Mapping, who: str) -> dict:
+  """``metrics`` with the user's ``aux`` merged in (name clashes rejected)."""
+  clash = sorted(set(aux) & set(metrics))
+  if clash:
+    raise ValueError(
+        f"{who}: aux metrics {clash} clash with the metrics samtx returns;"
+        " rename them.")
+  return {**metrics, **aux}
+
+
+def _model_loss(loss_fn, has_aux, has_model_state, who):
+  """``loss_fn`` as ``(params, batch, model_state, rng) -> (loss, (state, aux))``."""
+
+  def call(params, batch, model_state, rng):
+    kwargs = {}
+    if has_model_state:
+      kwargs["model_state"] = model_state
+    if rng is not None:
+      kwargs["rng"] = rng
+    loss, new_state, aux = _split_loss_output(
+        loss_fn(params, batch, **kwargs), has_aux=has_aux,
+        has_model_state=has_model_state, who=who)
+    return loss, (new_state, aux)
+
+  return call
+
+
+class _DataAxis:
+  """The collectives of one data-parallel axis, shared by every samtx step.
+
+  With ``axis_name=None`` (one device, or plain ``jit`` over a global batch)
+  every method is the identity, so the same step body serves single- and
+  multi-device training.
+
+  Args:
+    axis_name: the mapped data axis (``pmap``, ``shard_map``, named ``vmap``)
+      or ``None``.
+    m_sharpness: two-pass optimizers perturb along the local gradient.
+    manual: the axis is a ``shard_map`` axis, where gradients of replicated
+      values would otherwise be summed over devices (see :meth:`vary`).
+  """
+
+  def __init__(self, axis_name: Optional[str], *, m_sharpness: bool = True,
+               manual: bool = False):
+    self.axis_name = axis_name
+    self.m_sharpness = m_sharpness
+    self.manual = manual and axis_name is not None
+
+  def vary(self, tree):
+    """A copy to differentiate with respect to: local gradients survive."""
+    return _mark_varying(tree, self.axis_name) if self.manual else tree
+
+  def fold(self, key):
+    """``key`` (or a dict of keys) made distinct for this device."""
+    if self.axis_name is None or key is None:
+      return key
+    index = jax.lax.axis_index(self.axis_name)
+    return jax.tree.map(lambda k: jax.random.fold_in(k, index), key)
+
+  def mean(self, tree):
+    """The float leaves of ``tree`` averaged over the axis."""
+    return tree if self.axis_name is None else _mean_inexact(
+        tree, self.axis_name)
+
+  def mean_metrics(self, metrics):
+    """Scalar metrics averaged over the axis (ints and bools as floats)."""
+    as_float = jax.tree.map(
+        lambda x: x if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        else jnp.asarray(x, jnp.float32), metrics)
+    return self.mean(as_float)
+
+  def gradient(self, grads, two_pass: bool):
+    """The gradient the optimizer sees: local for m-sharpness, else the mean."""
+    if self.axis_name is None or (two_pass and self.m_sharpness):
+      return grads
+    return jax.lax.pmean(grads, self.axis_name)
+
+  def settle(self, opt_state, two_pass: bool):
+    """Averages local ascent statistics so the state stays replicated."""
+    if self.axis_name is None or not (two_pass and self.m_sharpness):
+      return opt_state
+    return _average_perturbation_state(opt_state, self.axis_name)
+
+
+def _train_body(call, optimizer, axis: _DataAxis, who):
+  """One training step on the batch one device (group) sees."""
+
+  def body(params, opt_state, batch, model_state, rng):
+    two_pass = bool(_perturbation_states(opt_state))
+    rng = axis.fold(rng)
+    local = lambda p: call(p, batch, model_state, rng)
+    (loss, (new_model_state, aux)), grads = jax.value_and_grad(
+        local, has_aux=True)(axis.vary(params))
+    grads = axis.gradient(grads, two_pass)
+
+    def grad_fn(p):
+      # Same batch, model state and key; this pass's model state is dropped.
+      return jax.grad(lambda q: local(q)[0])(axis.vary(p))
+
+    updates, opt_state = optimizer.update(
+        grads, opt_state, params, grad_fn=grad_fn)
+    opt_state = axis.settle(opt_state, two_pass)
+    params = optax.apply_updates(params, updates)
+    metrics = _merge_metrics({"loss": loss}, aux, who)
+    return (params, opt_state, axis.mean(new_model_state),
+            axis.mean_metrics(metrics))
+
+  return body
+
+
+def _check_model_state(model_state, has_model_state, who):
+  if has_model_state and model_state is None:
+    raise TypeError(f"{who}: the step was built with has_model_state=True;"
+                    " pass model_state=... (e.g. BatchNorm statistics).")
+  if not has_model_state and model_state is not None:
+    raise TypeError(f"{who}: model_state given, but the step was built with"
+                    " has_model_state=False.")
+
+
+def _outputs(out, has_model_state):
+  params, opt_state, model_state, metrics = out
+  if has_model_state:
+    return params, opt_state, model_state, metrics
+  return params, opt_state, metrics
 
 
 # ----------------------------------------------------------------------------
@@ -354,33 +603,104 @@ def shard_batch(batch, mesh: Mesh, axis_name: str = "batch"):
   return jax.device_put(batch, NamedSharding(mesh, P(axis_name)))
 
 
-# ----------------------------------------------------------------------------
-# the per-device step body shared by pmap and shard_map
-# ----------------------------------------------------------------------------
+def shard(tree, mesh: Mesh, specs):
+  """Places a pytree on ``mesh`` with one ``PartitionSpec`` per leaf.
+
+  Args:
+    tree: a pytree of arrays (params, optimizer state, model state).
+    mesh: a ``jax.sharding.Mesh``.
+    specs: a tree of ``PartitionSpec`` with the structure of ``tree`` (or a
+      prefix of it: one ``P()`` replicates a whole subtree).
+
+  Returns:
+    The tree with leaf ``x`` sharded as ``NamedSharding(mesh, spec)``, each
+    leaf in its own buffer (so it can be donated).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, samtx.parallel as par
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("model",))
+    >>> params = {"w": jnp.ones((2, 8 * jax.device_count())), "b": jnp.ones(2)}
+    >>> params = par.shard(params, mesh, {"w": P(None, "model"), "b": P()})
+    >>> params["w"].sharding.spec
+    P(None, 'model')
+  """
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"shard: mesh must be a jax.sharding.Mesh, got {mesh!r}.")
+  specs = _spec_tree(specs, tree, "shard", "specs")
+  # Fresh buffers: a tree may hold one array twice and donation needs one
+  # buffer per leaf.
+  return _place_specs(
+      jax.tree.map(lambda x: jnp.array(x, copy=True), tree), mesh, specs)
 
 
-def _mapped_body(loss_fn, optimizer, axis_name, m_sharpness, vary, who):
-  """One training step seen from one device (``batch`` is the local shard)."""
+def state_specs(optimizer: optax.GradientTransformation, params, param_specs):
+  """The ``PartitionSpec`` of every optimizer-state leaf, from the params'.
 
-  def body(params, opt_state, batch):
-    two_pass = bool(_perturbation_states(opt_state))
-    local_loss = lambda p: loss_fn(p, batch)
+  Every parameter-shaped state leaf (moments, accumulators, LightSAM's
+  ascent statistics, MSAM's momentum) gets its parameter's spec; scalars and
+  other leaves are replicated (``P()``). Found with
+  ``optax.tree_map_params``, abstractly (nothing is allocated).
 
-    def grad_fn(p):
-      # Differentiate w.r.t. a device-varying copy: the local gradient.
-      return jax.grad(local_loss)(vary(p))
+  Args:
+    optimizer: an optax optimizer.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    param_specs: a tree of ``PartitionSpec`` like ``params`` (or a prefix).
 
-    loss, grads = jax.value_and_grad(local_loss)(vary(params))
-    if not (two_pass and m_sharpness):
-      grads = jax.lax.pmean(grads, axis_name)
-    updates, opt_state = optimizer.update(
-        grads, opt_state, params, grad_fn=grad_fn)
-    if two_pass and m_sharpness:
-      opt_state = _average_perturbation_state(opt_state, axis_name)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": jax.lax.pmean(loss, axis_name)}
+  Returns:
+    A tree of ``PartitionSpec`` with the structure of ``optimizer.init(params)``.
 
-  return body
+  Example:
+    >>> import jax, jax.numpy as jnp, samtx, samtx.parallel as par
+    >>> from jax.sharding import PartitionSpec as P
+    >>> params = {"w": jnp.ones((4, 8))}
+    >>> specs = par.state_specs(samtx.adasam(1e-3), params,
+    ...                         {"w": P("data", "model")})
+    >>> [s for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    ...  if s != P()]
+    [P('data', 'model'), P('data', 'model'), P('data', 'model')]
+  """
+  param_specs = _spec_tree(param_specs, params, "state_specs", "param_specs")
+  state = jax.eval_shape(optimizer.init, params)
+  return optax.tree_map_params(
+      optimizer, lambda _, spec: spec, state, param_specs,
+      transform_non_params=lambda _: P(), is_leaf=_is_spec)
+
+
+def init_sharded(optimizer: optax.GradientTransformation, params, mesh: Mesh,
+                 param_specs=None):
+  """``optimizer.init(params)`` with every state leaf placed on ``mesh``.
+
+  Parameter-shaped leaves get their parameter's sharding (:func:`state_specs`),
+  the rest are replicated; the state is computed sharded (``jax.jit`` with
+  ``out_shardings``), never gathered on one device.
+
+  Args:
+    optimizer: an optax optimizer.
+    params: the (possibly sharded) parameters.
+    mesh: the ``jax.sharding.Mesh``.
+    param_specs: a tree of ``PartitionSpec`` like ``params``; default: the
+      specs the params already carry on ``mesh`` (replicated otherwise).
+
+  Returns:
+    The optimizer state, sharded.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, samtx, samtx.parallel as par
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("model",))
+    >>> params = par.shard({"w": jnp.ones((8 * jax.device_count(),))}, mesh,
+    ...                    {"w": P("model")})
+    >>> state = par.init_sharded(samtx.lightsam(0.1, 0.1, variant="adagrad"),
+    ...                          params, mesh)
+    >>> sorted({str(x.sharding.spec) for x in jax.tree.leaves(state)})
+    ["P('model',)", 'P()']
+  """
+  if param_specs is None:
+    param_specs = jax.tree.map(lambda x: _spec_of(x, mesh), params)
+  specs = state_specs(optimizer, params, param_specs)
+  return jax.jit(optimizer.init, out_shardings=_sharding_tree(mesh, specs))(
+      params)
 
 
 # ----------------------------------------------------------------------------
@@ -396,29 +716,38 @@ def pmap_step(
     m_sharpness: bool = True,
     donate: bool = False,
     devices: Optional[Sequence[Any]] = None,
+    has_aux: bool = False,
+    has_model_state: bool = False,
 ) -> Step:
   """A ``jax.pmap`` training step with the global batch split over devices.
 
-  ``params`` and ``opt_state`` carry a leading device axis (make them with
-  :func:`pmap_replicate`, read them with :func:`unreplicate`); ``batch`` is
-  the global batch, reshaped to ``(devices, batch / devices, ...)`` before
-  the call.
+  ``params``, ``opt_state`` (and ``model_state``) carry a leading device axis
+  (make them with :func:`pmap_replicate`, read them with
+  :func:`unreplicate`); ``batch`` is the global batch, reshaped to
+  ``(devices, batch / devices, ...)`` before the call; ``rng`` is one key.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of a batch.
+    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of a batch;
+      it also receives ``model_state=`` (with ``has_model_state``) and
+      ``rng=`` (when the step is called with one). See the module docstring
+      for what it returns with ``has_aux`` / ``has_model_state``.
     optimizer: an optax optimizer. Two-pass samtx optimizers must be built
       with ``axis_name=axis_name``; one-pass ones (MSAM, optax) get the
       averaged gradient.
     axis_name: the pmap axis name.
     m_sharpness: per-device perturbations (``True``) or one global
       perturbation from the averaged gradient (``False``).
-    donate: donate the ``params`` and ``opt_state`` buffers to the step.
+    donate: donate the ``params`` and ``opt_state`` (and ``model_state``)
+      buffers to the step.
     devices: the devices to map over (default: all local devices).
+    has_aux: ``loss_fn`` also returns a dict of metrics (averaged).
+    has_model_state: ``loss_fn`` takes and returns model state (averaged).
 
   Returns:
-    ``step(params, opt_state, batch) -> (params, opt_state, metrics)``;
-    ``metrics["loss"]`` (not stacked) is the clean loss averaged over the
-    global batch.
+    ``step(params, opt_state, batch, *, model_state=None, rng=None) ->
+    (params, opt_state[, model_state], metrics)``; ``metrics`` (not stacked)
+    holds ``"loss"``, the clean loss averaged over the global batch, and the
+    averaged ``aux``.
 
   Raises:
     ValueError: the batch size is not divisible by the device count
@@ -443,15 +772,17 @@ def pmap_step(
   _check_common(loss_fn, optimizer, axis_name, who)
   devices = None if devices is None else list(devices)
   n = len(devices) if devices is not None else jax.local_device_count()
-  body = _mapped_body(loss_fn, optimizer, axis_name, m_sharpness,
-                      lambda p: p, who)
+  call = _model_loss(loss_fn, has_aux, has_model_state, who)
+  body = _train_body(call, optimizer,
+                     _DataAxis(axis_name, m_sharpness=m_sharpness), who)
   mapped = jax.pmap(
-      body, axis_name=axis_name, devices=devices, out_axes=(0, 0, None),
-      donate_argnums=(0, 1) if donate else ())
+      body, axis_name=axis_name, devices=devices, in_axes=(0, 0, 0, 0, None),
+      out_axes=(0, 0, 0, None), donate_argnums=(0, 1, 3) if donate else ())
 
   checked = []
 
-  def step(params, opt_state, batch):
+  def step(params, opt_state, batch, *, model_state=None, rng=None):
+    _check_model_state(model_state, has_model_state, who)
     size = _check_divisible(batch, n, who)
     if not checked:
       local = lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype)
@@ -460,7 +791,8 @@ def pmap_step(
       checked.append(True)
     split = jax.tree.map(
         lambda x: x.reshape((n, size // n) + tuple(x.shape[1:])), batch)
-    return mapped(params, opt_state, split)
+    return _outputs(mapped(params, opt_state, split, model_state, rng),
+                    has_model_state)
 
   return step
 
@@ -478,6 +810,9 @@ def shard_map_step(
     axis_name: str = "batch",
     m_sharpness: bool = True,
     donate: bool = False,
+    param_specs=None,
+    has_aux: bool = False,
+    has_model_state: bool = False,
 ) -> Step:
   """A jitted ``jax.shard_map`` training step over ``mesh``.
 
@@ -487,19 +822,36 @@ def shard_map_step(
   (``jax.lax.pcast(..., to="varying")``), so per-device gradients -- and
   hence per-device perturbations -- survive.
 
+  **Model-sharded parameters.** With ``param_specs`` naming other mesh axes
+  (e.g. ``P(None, "model")`` for a column-parallel kernel), ``loss_fn`` sees
+  parameter *blocks* and does its own model-axis collectives (``psum`` of a
+  row-parallel matmul); the optimizer must then be built with
+  ``norm_axis_name="model"`` so that its global norms sum over the blocks.
+  The optimizer state is sharded like the parameters (:func:`state_specs`).
+
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of a batch.
+    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of the
+      device's batch; also gets ``model_state=`` / ``rng=`` (module
+      docstring).
     optimizer: an optax optimizer; two-pass samtx optimizers must be built
-      with ``axis_name=axis_name``.
+      with ``axis_name=axis_name`` (and ``norm_axis_name`` for sharded
+      parameters).
     mesh: a ``jax.sharding.Mesh`` that has ``axis_name`` among its axes
       (``Auto`` or ``Explicit`` axis types).
     axis_name: the mesh axis the batch is split over.
     m_sharpness: per-device perturbations (``True``) or one global one.
-    donate: donate the ``params`` and ``opt_state`` buffers.
+    donate: donate the ``params`` and ``opt_state`` (and ``model_state``)
+      buffers.
+    param_specs: a tree of ``PartitionSpec`` like ``params`` (or a prefix);
+      ``None`` replicates them. They must not use ``axis_name``.
+    has_aux: ``loss_fn`` also returns a dict of metrics (averaged).
+    has_model_state: ``loss_fn`` takes and returns model state (replicated,
+      averaged over ``axis_name``).
 
   Returns:
-    ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, a
-    ``jax.jit``-ed function; params and state come back replicated.
+    ``step(params, opt_state, batch, *, model_state=None, rng=None) ->
+    (params, opt_state[, model_state], metrics)``, a ``jax.jit``-ed function;
+    params and state come back with the shardings of ``param_specs``.
 
   Raises:
     ValueError: (when traced) the batch size is not divisible by the mesh
@@ -524,20 +876,48 @@ def shard_map_step(
   who = "shard_map_step"
   _check_common(loss_fn, optimizer, axis_name, who)
   n = _check_mesh(mesh, axis_name, who)
-  body = _mapped_body(loss_fn, optimizer, axis_name, m_sharpness,
-                      lambda p: _mark_varying(p, axis_name), who)
-  mapped = jax.shard_map(
-      body, mesh=mesh, in_specs=(P(), P(), P(axis_name)),
-      out_specs=(P(), P(), P()))
+  call = _model_loss(loss_fn, has_aux, has_model_state, who)
+  body = _train_body(
+      call, optimizer,
+      _DataAxis(axis_name, m_sharpness=m_sharpness, manual=True), who)
+  model_axes = tuple(a for a in mesh.axis_names if a != axis_name)
 
-  def step(params, opt_state, batch):
+  def step(params, opt_state, batch, model_state, rng):
     _check_divisible(batch, n, who)
-    _probe_if_two_pass(optimizer, params, opt_state, axis_name, who)
-    params, opt_state = _constrain((params, opt_state), mesh, P(), axis_name)
-    batch = _constrain(batch, mesh, P(axis_name), axis_name)
-    return mapped(params, opt_state, batch)
+    _probe_if_two_pass(optimizer, params, opt_state, axis_name, who,
+                       model_axes)
+    pspecs = _spec_tree(param_specs, params, who, "param_specs")
+    sspecs = state_specs(optimizer, params, pspecs)
+    mapped = jax.shard_map(
+        body, mesh=mesh,
+        in_specs=(pspecs, sspecs, P(axis_name), P(), P()),
+        out_specs=(pspecs, sspecs, P(), P()))
+    params = _constrain_specs(params, mesh, pspecs)
+    opt_state = _constrain_specs(opt_state, mesh, sspecs)
+    batch = _constrain_specs(batch, mesh,
+                             _spec_tree(P(axis_name), batch, who, "batch"))
+    try:
+      return mapped(params, opt_state, batch, model_state, rng)
+    except ValueError as err:
+      if "out_specs" not in str(err) or not _uses_axes(pspecs, model_axes):
+        raise
+      raise ValueError(
+          f"{who}: with parameters sharded over {model_axes}, build the"
+          f" optimizer with norm_axis_name={model_axes!r} (e.g."
+          f" samtx.sam(lr, rho, axis_name={axis_name!r},"
+          f" norm_axis_name={model_axes[0]!r})) so that its global norms sum"
+          " over the parameter blocks; without it each device computes its"
+          f" own block's norm and replicated leaves drift apart.\n{err}"
+      ) from None
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  jitted = jax.jit(step, donate_argnums=(0, 1, 3) if donate else ())
+
+  def run(params, opt_state, batch, *, model_state=None, rng=None):
+    _check_model_state(model_state, has_model_state, who)
+    return _outputs(jitted(params, opt_state, batch, model_state, rng),
+                    has_model_state)
+
+  return run
 
 
 # ----------------------------------------------------------------------------
@@ -553,8 +933,11 @@ def jit_step(
     axis_name: str = "batch",
     m_sharpness_groups: Optional[int] = None,
     donate: bool = False,
+    param_specs=None,
+    has_aux: bool = False,
+    has_model_state: bool = False,
 ) -> Step:
-  """A ``jax.jit`` training step with the batch sharded by ``NamedSharding``.
+  """A ``jax.jit`` training step with the batch and parameters sharded by ``NamedSharding``.
 
   No mapped axis exists under plain ``jit``: with ``m_sharpness_groups=None``
   the gradient of the global batch gives one global perturbation (build the
@@ -564,19 +947,36 @@ def jit_step(
   each group gets its own perturbation, exactly like :func:`pmap_step` with
   ``G`` devices.
 
+  **Sharded parameters** (FSDP, tensor parallel, both): parameters keep the
+  sharding they arrive with, or take ``param_specs``; the optimizer state
+  takes :func:`state_specs` (parameter-shaped leaves like their parameter);
+  the output shardings are pinned to those, so a step never gathers or
+  re-lays out what it was given. XLA computes the global norms across
+  shards: the numbers equal the unsharded run. The step computes on an
+  ``Auto``-axes copy of ``mesh``, so it works with ``Auto`` and
+  ``Explicit`` meshes alike (``jax.make_mesh``'s default is ``Explicit``).
+
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of a batch.
+    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of a batch;
+      also gets ``model_state=`` / ``rng=`` (module docstring).
     optimizer: an optax optimizer.
     mesh: a ``jax.sharding.Mesh`` with ``axis_name`` among its axes.
     axis_name: the mesh axis the batch is split over, and the vmap axis
       name in m-sharpness mode.
     m_sharpness_groups: ``None`` (global perturbation) or the number of
       perturbation groups ``G >= 1``.
-    donate: donate the ``params`` and ``opt_state`` buffers.
+    donate: donate the ``params`` and ``opt_state`` (and ``model_state``)
+      buffers.
+    param_specs: a tree of ``PartitionSpec`` like ``params`` (or a prefix);
+      ``None``: each parameter's own ``NamedSharding`` on ``mesh``
+      (replicated if it has none).
+    has_aux: ``loss_fn`` also returns a dict of metrics.
+    has_model_state: ``loss_fn`` takes and returns model state (replicated).
 
   Returns:
-    ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, a
-    ``jax.jit``-ed function.
+    ``step(params, opt_state, batch, *, model_state=None, rng=None) ->
+    (params, opt_state[, model_state], metrics)``; compiled once per
+    parameter layout.
 
   Raises:
     ValueError: the batch size is not divisible by the mesh axis size or by
@@ -584,16 +984,18 @@ def jit_step(
 
   Example:
     >>> import jax, jax.numpy as jnp, samtx, samtx.parallel as par
+    >>> from jax.sharding import PartitionSpec as P
     >>> mesh = jax.make_mesh((jax.device_count(),), ("batch",))
     >>> loss_fn = lambda p, b: jnp.mean((b @ p - 1.0) ** 2)
     >>> opt = samtx.sam(0.1, rho=0.05)
     >>> step = par.jit_step(loss_fn, opt, mesh)
-    >>> params = par.replicate(jnp.zeros(2), mesh)
-    >>> state = par.replicate(opt.init(jnp.zeros(2)), mesh)
-    >>> batch = par.shard_batch(jnp.ones((2 * jax.device_count(), 2)), mesh)
+    >>> dim = 2 * jax.device_count()
+    >>> params = par.shard(jnp.zeros(dim), mesh, P("batch"))  # FSDP-style
+    >>> state = par.init_sharded(opt, params, mesh)
+    >>> batch = par.shard_batch(jnp.ones((jax.device_count(), dim)), mesh)
     >>> params, state, metrics = step(params, state, batch)
-    >>> float(metrics["loss"])
-    1.0
+    >>> float(metrics["loss"]), params.sharding.spec
+    (1.0, P('batch',))
 
   References:
     Foret et al., 2021, https://arxiv.org/abs/2010.01412
@@ -611,49 +1013,62 @@ def jit_step(
       raise ValueError(
           f"{who}: m_sharpness_groups must be >= 1, got {m_sharpness_groups}.")
   groups = m_sharpness_groups
-
-  def global_update(params, opt_state, batch, two_pass):
-    value_and_grad = jax.value_and_grad(loss_fn)
-    loss, grads = value_and_grad(params, batch)
-    if two_pass:
-      _probe_no_axis(optimizer, grads, opt_state, params, who)
-    grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
-    updates, opt_state = optimizer.update(
-        grads, opt_state, params, grad_fn=grad_fn)
-    return updates, opt_state, loss
-
-  def grouped_update(params, opt_state, batch, size):
-    grouped = jax.tree.map(
-        lambda x: x.reshape((groups, size // groups) + x.shape[1:]), batch)
-
-    def member(group_batch):
-      loss, grads = jax.value_and_grad(loss_fn)(params, group_batch)
-      grad_fn = lambda p: jax.grad(loss_fn)(p, group_batch)
-      updates, new_state = optimizer.update(
-          grads, opt_state, params, grad_fn=grad_fn)
-      new_state = _average_perturbation_state(new_state, axis_name)
-      return updates, new_state, jax.lax.pmean(loss, axis_name)
-
-    _probe_if_two_pass(optimizer, params, opt_state, axis_name, who)
-    return jax.vmap(member, axis_name=axis_name, out_axes=None)(grouped)
-
+  call = _model_loss(loss_fn, has_aux, has_model_state, who)
+  global_body = _train_body(call, optimizer, _DataAxis(None), who)
+  group_body = _train_body(call, optimizer, _DataAxis(axis_name), who)
   auto_mesh = _auto_mesh(mesh)
 
-  def step(params, opt_state, batch):
-    size = _check_divisible(batch, n, who)
-    if groups is not None:
-      _check_divisible(batch, groups, who, what="m_sharpness_groups")
-    params, opt_state = _place((params, opt_state), auto_mesh, P())
-    batch = _place(batch, auto_mesh, P(axis_name))
+  def update(params, opt_state, batch, model_state, rng):
     two_pass = bool(_perturbation_states(opt_state))
     if groups is None or not two_pass:
-      updates, opt_state, loss = global_update(params, opt_state, batch,
-                                               two_pass)
-    else:
-      updates, opt_state, loss = grouped_update(params, opt_state, batch,
-                                                size)
-    params = optax.apply_updates(params, updates)
-    params, opt_state = _place((params, opt_state), mesh, P())
-    return params, opt_state, {"loss": loss}
+      if two_pass:
+        _probe_no_axis(optimizer, params, opt_state, params, who)
+      return global_body(params, opt_state, batch, model_state, rng)
+    _probe_if_two_pass(optimizer, params, opt_state, axis_name, who)
+    size = _batch_size(batch, who)
+    grouped = jax.tree.map(
+        lambda x: x.reshape((groups, size // groups) + x.shape[1:]), batch)
+    member = lambda b: group_body(params, opt_state, b, model_state, rng)
+    return jax.vmap(member, axis_name=axis_name, out_axes=None)(grouped)
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  def build(pspecs, sspecs):
+    """The step compiled for one layout, outputs pinned to it on ``mesh``."""
+    replicated = NamedSharding(mesh, P())
+
+    def inner(params, opt_state, batch, model_state, rng):
+      # Compute on the Auto copy of the mesh, with the same specs.
+      params = _place_specs(params, auto_mesh, pspecs)
+      opt_state = _place_specs(opt_state, auto_mesh, sspecs)
+      batch = jax.device_put(batch, NamedSharding(auto_mesh, P(axis_name)))
+      model_state = jax.device_put(model_state, NamedSharding(auto_mesh, P()))
+      out = update(params, opt_state, batch, model_state, rng)
+      params, opt_state, model_state, metrics = out
+      return (_place_specs(params, mesh, pspecs),
+              _place_specs(opt_state, mesh, sspecs),
+              jax.device_put(model_state, replicated),
+              jax.device_put(metrics, replicated))
+
+    return jax.jit(
+        inner, donate_argnums=(0, 1, 3) if donate else (),
+        out_shardings=(_sharding_tree(mesh, pspecs),
+                       _sharding_tree(mesh, sspecs), replicated, replicated))
+
+  compiled = {}
+
+  def step(params, opt_state, batch, *, model_state=None, rng=None):
+    _check_model_state(model_state, has_model_state, who)
+    _check_divisible(batch, n, who)
+    if groups is not None:
+      _check_divisible(batch, groups, who, what="m_sharpness_groups")
+    if param_specs is None:
+      pspecs = jax.tree.map(lambda x: _spec_of(x, mesh), params)
+    else:
+      pspecs = _spec_tree(param_specs, params, who, "param_specs")
+    key = (jax.tree.structure(params), tuple(jax.tree.leaves(
+        pspecs, is_leaf=_is_spec)))
+    if key not in compiled:
+      compiled[key] = build(pspecs, state_specs(optimizer, params, pspecs))
+    return _outputs(compiled[key](params, opt_state, batch, model_state, rng),
+                    has_model_state)
+
+  return step

@@ -25,6 +25,7 @@ from flax.training import train_state
 
 import samtx
 from samtx import flax as samtx_flax
+from tests import fresh_process
 
 TOL = {"rtol": 5e-5, "atol": 5e-6}
 N, D, C = 16, 5, 3
@@ -554,3 +555,203 @@ def test_plain_gradient_transformation_gets_no_grad_fn():
   nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))(net, optimizer, batch)
   _close(nnx.as_pure(nnx.state(net, nnx.Param)),
          _add(params, jax.grad(loss)(params), -LR))
+
+
+# ----------------------------------------------------------------------------
+# several devices (mesh=...): checked in a fresh process against a
+# hand-written per-shard SAM step (tests/fresh_process.py)
+# ----------------------------------------------------------------------------
+
+DEVICES, GLOBAL = 8, 32
+
+
+def _global_data(seed):
+  kx, ky = jax.random.split(jax.random.key(100 + seed))
+  return {"x": jax.random.normal(kx, (GLOBAL, D)),
+          "y": jax.random.randint(ky, (GLOBAL,), 0, C)}
+
+
+def _shards(batch):
+  size = GLOBAL // DEVICES  # device k holds the k-th contiguous slice
+  return [jax.tree.map(lambda a: a[k * size:(k + 1) * size], batch)
+          for k in range(DEVICES)]
+
+
+def _mean(trees):
+  return jax.tree.map(lambda *xs: sum(xs) / len(xs), *trees)
+
+
+def _hand_data_parallel_sam(clean, perturbed, params, m_sharpness):
+  """Per-shard SAM + SGD: ``clean[k](p) -> (loss, grads)`` and
+  ``perturbed[k](p) -> (loss, grads)`` are device k's passes."""
+  losses, grads = zip(*(f(params) for f in clean))
+  if not m_sharpness:
+    grads = [_mean(grads)] * DEVICES
+  directions = [_sam_direction(g) for g in grads]
+  ascent = [f(_add(params, e)) for f, (e, _) in zip(perturbed, directions)]
+  new_params = _add(params, _mean([g for _, g in ascent]), -LR)
+  metrics = {"loss": _mean(losses),
+             "perturbed_loss": _mean([l for l, _ in ascent]),
+             "perturbation_norm": _mean([RHO * n / (n + 1e-12)
+                                         for _, n in directions])}
+  return new_params, metrics
+
+
+def _nnx_pass(snapshot, params, shard):
+  """One training-mode pass of a copy of ``snapshot`` at ``params``."""
+  model = nnx.clone(snapshot)
+  nnx.update(model, params)
+  loss, grads = nnx.value_and_grad(_nnx_loss)(model, shard)
+  return (loss, nnx.as_pure(grads)), model
+
+
+def _flat(prefix, tree):
+  return {f"{prefix}/{jax.tree_util.keystr(k)}": np.asarray(_numbers(v))
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _replica_spread(tree):
+  """Largest difference between the copies of a replicated tree's leaves."""
+  return max(float(np.max(np.ptp(np.stack(
+      [np.asarray(s.data) for s in x.addressable_shards]), axis=0)))
+             for x in jax.tree.leaves(tree))
+
+
+def compute_flax_multi_device():
+  out = {}
+  mesh = jax.make_mesh((DEVICES,), ("batch",))
+  root = jax.random.key(5)
+  # linen: BatchNorm + dropout
+  model = LinenNet(batch_norm=True, dropout=0.3)
+  for mode in ("m", "global"):
+    m_sharpness = mode == "m"
+    state = _linen_state(model, samtx.sam(LR, rho=RHO, axis_name="batch"))
+    step = samtx_flax.make_train_step(_linen_loss, mesh=mesh,
+                                      m_sharpness=m_sharpness)
+    params, stats = state.params, state.batch_stats
+    for t in range(2):
+      batch, key = _global_data(t), jax.random.fold_in(root, t)
+      state, metrics = step(state, batch, key)
+      passes, device_stats = [], []
+      for k, shard in enumerate(_shards(batch)):
+        fwd = functools.partial(_hand_linen_forward, model, batch_stats=stats,
+                                batch=shard, key=jax.random.fold_in(key, k))
+        passes.append(jax.value_and_grad(lambda p, fwd=fwd: fwd(p)[0]))
+        device_stats.append(fwd(params)[1])
+      new_stats = _mean(device_stats)
+      params, want = _hand_data_parallel_sam(passes, passes, params,
+                                             m_sharpness)
+      stats = new_stats
+    out.update(_flat(f"linen/{mode}/run", {"params": state.params,
+                                           "stats": state.batch_stats,
+                                           "metrics": metrics}))
+    out.update(_flat(f"linen/{mode}/ref", {"params": params, "stats": stats,
+                                           "metrics": want}))
+    out[f"linen/{mode}/spread"] = _replica_spread(
+        (state.batch_stats, state.params))
+  # The per-device body (axis_name, no mesh) under the user's own jax.pmap.
+  from samtx import parallel
+  body = samtx_flax.make_train_step(_linen_loss, axis_name="batch")
+  state = _linen_state(model, samtx.sam(LR, rho=RHO, axis_name="batch"))
+  stacked = parallel.pmap_replicate(state)
+  pmapped = jax.pmap(body, axis_name="batch", in_axes=(0, 0, None),
+                     out_axes=(0, None))
+  for t in range(2):
+    batch = jax.tree.map(lambda a: a.reshape((DEVICES, -1) + a.shape[1:]),
+                         _global_data(t))
+    stacked, metrics = pmapped(stacked, batch, jax.random.fold_in(root, t))
+  out.update(_flat("linen/pmap/run", {
+      "params": parallel.unreplicate(stacked.params),
+      "stats": parallel.unreplicate(stacked.batch_stats), "metrics": metrics}))
+  # NNX: BatchNorm + dropout; device k's dropout stream key is folded with k
+  make = lambda: NNXNet(nnx.Rngs(0, dropout=5), batch_norm=True, dropout=0.3)
+  for mode in ("m", "global"):
+    model, ref = make(), make()
+    optimizer = nnx.Optimizer(model, samtx.sam(LR, rho=RHO, axis_name="batch"),
+                              wrt=nnx.Param)
+    step = samtx_flax.make_nnx_train_step(_nnx_loss, mesh=mesh,
+                                          m_sharpness=mode == "m")
+    for t in range(2):
+      batch = _global_data(t)
+      metrics = step(model, optimizer, batch)
+      snapshots = []
+      for k in range(DEVICES):
+        snapshot = nnx.clone(ref)
+        snapshot.drop.rngs.key[...] = jax.random.fold_in(
+            ref.drop.rngs.key[...], k)
+        snapshots.append(snapshot)
+      cleaned = []  # the models after device k's clean pass
+
+      def clean(p, snapshot, shard):
+        loss_grads, after = _nnx_pass(snapshot, p, shard)
+        cleaned.append(after)
+        return loss_grads
+
+      passes = [(functools.partial(clean, snapshot=c, shard=s),
+                 lambda p, c=c, s=s: _nnx_pass(c, p, s)[0])
+                for c, s in zip(snapshots, _shards(batch))]
+      new_params, want = _hand_data_parallel_sam(
+          [c for c, _ in passes], [q for _, q in passes],
+          nnx.as_pure(nnx.state(ref, nnx.Param)), mode == "m")
+      nnx.update(ref, new_params, _mean(
+          [nnx.as_pure(nnx.state(c, nnx.BatchStat)) for c in cleaned]))
+      ref.drop.rngs.count[...] = cleaned[0].drop.rngs.count[...]
+    out.update(_flat(f"nnx/{mode}/run", {"model": nnx.as_pure(
+        nnx.state(model)), "metrics": metrics}))
+    out.update(_flat(f"nnx/{mode}/ref", {"model": nnx.as_pure(nnx.state(ref)),
+                                         "metrics": want}))
+    out[f"nnx/{mode}/spread"] = _replica_spread(
+        nnx.as_pure(nnx.state(model, nnx.BatchStat)))
+  return out
+
+
+@pytest.fixture(scope="module")
+def multi_device():
+  return fresh_process.run("tests.test_flax", "compute_flax_multi_device")
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+@pytest.mark.parametrize("mode", ["m", "global"])
+def test_multi_device_step_matches_per_shard_hand_step(multi_device, api, mode):
+  """make_train_step / make_nnx_train_step with mesh=: params, BatchNorm
+  statistics (mean of the devices' clean-pass statistics), the dropout RNG
+  counter and the device-averaged metrics equal a hand-written per-shard SAM
+  step with per-device dropout keys; every device holds identical copies."""
+  keys = [k for k in multi_device if k.startswith(f"{api}/{mode}/ref/")]
+  assert keys
+  for key in keys:
+    np.testing.assert_allclose(
+        multi_device[key.replace("/ref/", "/run/")], multi_device[key],
+        err_msg=key, **TOL)
+  assert multi_device[f"{api}/{mode}/spread"] == 0.0
+
+
+def test_per_device_body_under_users_pmap_equals_mesh_step(multi_device):
+  """make_train_step(axis_name=...) inside the user's own jax.pmap gives the
+  numbers of the mesh step (m-sharpness), which equal the hand-written step."""
+  keys = [k for k in multi_device if k.startswith("linen/m/ref/")]
+  assert keys
+  for key in keys:
+    np.testing.assert_allclose(
+        multi_device[key.replace("linen/m/ref/", "linen/pmap/run/")],
+        multi_device[key], err_msg=key, **TOL)
+
+
+def test_sharded_cnn_example_runs_small():
+  """examples/sharded_cnn.py (BatchNorm + dropout CNN, 8 devices) trains:
+  the test loss falls and every device ends with identical statistics and
+  parameters."""
+  import json
+  import subprocess
+  import sys
+
+  root = fresh_process.ROOT
+  proc = subprocess.run(
+      [sys.executable, str(root / "examples" / "sharded_cnn.py"), "--steps",
+       "12", "--batch", "64"], cwd=root, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["devices"] == 8
+  assert summary["replica_spread"] == 0.0
+  assert summary["test_loss_after"] < summary["test_loss_before"] - 0.1

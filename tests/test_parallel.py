@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 import samtx
 from samtx import parallel as par
@@ -488,3 +488,27 @@ def test_three_paths_agree_with_parameter_sized_ascent_state(kind):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
   # the run moved away from the start (the comparison is not vacuous)
   assert np.max(np.abs(runs[0][1] - np_params(params)[1])) > 1e-3
+
+
+def test_model_state_aux_and_param_specs_arguments_are_checked():
+  batch, params = make_data()
+  mesh = explicit_mesh()
+  opt = optimizer("sam", "batch")
+  p, s = par.replicate(params, mesh), par.replicate(opt.init(params), mesh)
+  with_state = par.shard_map_step(loss_fn, opt, mesh, has_model_state=True)
+  with pytest.raises(TypeError, match="pass model_state"):
+    with_state(p, s, batch)
+  with pytest.raises(TypeError, match="has_model_state=False"):
+    par.shard_map_step(loss_fn, opt, mesh)(p, s, batch, model_state={})
+  pair = lambda q, b: (loss_fn(q, b), {"mae": 0.0})
+  with pytest.raises(TypeError, match="has_aux=True"):
+    par.jit_step(pair, optimizer("sam", None), mesh)(p, s, batch)
+  not_a_dict = lambda q, b: (loss_fn(q, b), 1.0)
+  with pytest.raises(TypeError, match="dict of metrics"):
+    par.pmap_step(not_a_dict, opt, has_aux=True)(
+        par.pmap_replicate(params), par.pmap_replicate(opt.init(params)), batch)
+  clash = lambda q, b: (loss_fn(q, b), {"loss": 0.0})
+  with pytest.raises(ValueError, match="clash"):
+    par.shard_map_step(clash, opt, mesh, has_aux=True)(p, s, batch)
+  with pytest.raises(ValueError, match="param_specs"):
+    par.shard_map_step(loss_fn, opt, mesh, param_specs={"w": P()})(p, s, batch)
