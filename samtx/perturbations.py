@@ -86,6 +86,14 @@ def _pass_through(grads, perturbed, inner, rho_t):
   return perturbed, inner
 
 
+def _vary_over(tree, varying):
+  """Marks each leaf of ``tree`` as varying over its set in ``varying``."""
+  def cast(x, axes):
+    missing = tuple(sorted(axes - _common.varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(cast, tree, varying)
+
+
 def _two_pass(
     who: str,
     rho,
@@ -151,8 +159,16 @@ def _two_pass(
     if reuse is None:
       output, norm, inner = second_pass()
     else:
+      # Inside shard_map the second pass's results vary over the data axis
+      # (local g and h) while a reused state is replicated: both branches
+      # must return the same varying axes, so each is cast to their union.
+      varying = jax.tree.map(
+          lambda a, b: _common.varying_axes(a) | _common.varying_axes(b),
+          jax.eval_shape(second_pass), jax.eval_shape(first_pass_only))
       output, norm, inner = jax.lax.cond(
-          state.count % every == 0, second_pass, first_pass_only)
+          state.count % every == 0,
+          lambda: _vary_over(second_pass(), varying),
+          lambda: _vary_over(first_pass_only(), varying))
     if axis_name is not None:
       output = jax.lax.pmean(output, axis_name=axis_name)
     return output, PerturbationState(
