@@ -127,6 +127,15 @@ def family_pairs() -> list:
        "preconditioner II", pre("adagrad")),
       ("samtx.lightsam III", samtx.lightsam(LR, RHO, variant="adam"),
        "preconditioner III", pre("adam")),
+      ("samtx.gsam", samtx.gsam(LR, RHO, momentum=MOMENTUM),
+       "optax.sgd_momentum", sgdm),
+      ("samtx.wsam", samtx.wsam(LR, RHO, momentum=MOMENTUM),
+       "optax.sgd_momentum", sgdm),
+      ("samtx.friendly_sam", samtx.friendly_sam(LR, RHO, momentum=MOMENTUM),
+       "optax.sgd_momentum", sgdm),
+      # A timed block may hold a partial LookSAM cycle: see two_pass.py.
+      ("samtx.looksam(k=5)", samtx.looksam(LR, RHO, momentum=MOMENTUM),
+       "optax.sgd_momentum", sgdm),
   ]
 
 
@@ -158,6 +167,16 @@ def state_pairs() -> list:
       ("samtx.lightsam III", samtx.lightsam(LR, RHO, variant="adam"),
        "preconditioner III", pre("adam"),
        "2 x base + O(1): ascent and descent keep separate statistics"),
+      ("samtx.gsam", samtx.gsam(LR, RHO, momentum=MOMENTUM),
+       "optax.sgd(momentum)", sgdm, scalars),
+      ("samtx.wsam", samtx.wsam(LR, RHO, momentum=MOMENTUM),
+       "optax.sgd(momentum)", sgdm, scalars),
+      ("samtx.friendly_sam", samtx.friendly_sam(LR, RHO, momentum=MOMENTUM),
+       "optax.sgd(momentum)", sgdm,
+       "base + 1 parameter-sized buffer (m) + O(1)"),
+      ("samtx.looksam", samtx.looksam(LR, RHO, momentum=MOMENTUM),
+       "optax.sgd(momentum)", sgdm,
+       "base + 1 parameter-sized buffer (g_v) + O(1)"),
       ("samtx.amsgrad", samtx.amsgrad(LR), "optax.amsgrad", optax.amsgrad(LR),
        "equal + O(1)"),
       ("optax.contrib.sam opaque", contrib(True), "optax.sgd(momentum)", sgdm,

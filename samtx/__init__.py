@@ -2,8 +2,12 @@
 
 from samtx.aliases import adasam
 from samtx.aliases import amsgrad
+from samtx.aliases import friendly_sam
+from samtx.aliases import gsam
 from samtx.aliases import lightsam
+from samtx.aliases import looksam
 from samtx.aliases import sam
+from samtx.aliases import wsam
 from samtx.guards import apply_if_finite
 from samtx.moments import LIGHTSAM_VARIANTS
 from samtx.moments import lightsam_preconditioner
@@ -19,9 +23,15 @@ from samtx.msam import msam
 from samtx.msam import msam_adamw
 from samtx.msam import MSAMState
 from samtx.msam import unperturb
+from samtx.perturbations import friendly_sam_perturbation
+from samtx.perturbations import FriendlySAMState
+from samtx.perturbations import gsam_perturbation
 from samtx.perturbations import lightsam_perturbation
+from samtx.perturbations import looksam_perturbation
+from samtx.perturbations import LookSAMState
 from samtx.perturbations import PerturbationState
 from samtx.perturbations import sam_perturbation
+from samtx.perturbations import wsam_perturbation
 from samtx.wrappers import lookahead
 
 __version__ = "0.1.0"
@@ -41,7 +51,13 @@ __all__ = (
     # perturbations
     "sam_perturbation",
     "lightsam_perturbation",
+    "gsam_perturbation",
+    "wsam_perturbation",
+    "friendly_sam_perturbation",
+    "looksam_perturbation",
     "PerturbationState",
+    "FriendlySAMState",
+    "LookSAMState",
     # adaptive moments
     "scale_by_amsgrad",
     "scale_by_adagrad_norm",
@@ -60,6 +76,10 @@ __all__ = (
     "lightsam",
     "msam",
     "msam_adamw",
+    "gsam",
+    "wsam",
+    "friendly_sam",
+    "looksam",
     # guards and wrappers
     "apply_if_finite",
     "lookahead",

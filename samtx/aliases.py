@@ -17,7 +17,8 @@ from samtx import perturbations
 from samtx.msam import msam
 from samtx.msam import msam_adamw
 
-__all__ = ["sam", "adasam", "amsgrad", "lightsam", "msam", "msam_adamw"]
+__all__ = ["sam", "adasam", "amsgrad", "lightsam", "msam", "msam_adamw",
+           "gsam", "wsam", "friendly_sam", "looksam"]
 
 
 def _check_learning_rate(learning_rate, who):
@@ -40,6 +41,16 @@ def _momentum_transform(momentum, nesterov, who):
   _common.check_scalar("momentum", momentum, low=0.0, high=1.0,
                        high_open=True, who=who)
   return optax.trace(decay=momentum, nesterov=nesterov)
+
+
+def _on_sgd(perturbation, learning_rate, momentum, nesterov, who):
+  """``perturbation`` followed by SGD with optional (Nesterov) momentum."""
+  _check_learning_rate(learning_rate, who)
+  return optax.chain(
+      perturbation,
+      _momentum_transform(momentum, nesterov, who),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def sam(
@@ -94,15 +105,11 @@ def sam(
     Foret et al., 2021, https://arxiv.org/abs/2010.01412;
     Kwon et al., 2021, https://arxiv.org/abs/2102.11600
   """
-  who = "sam"
-  _check_learning_rate(learning_rate, who)
-  return optax.chain(
+  return _on_sgd(
       perturbations.sam_perturbation(
           rho, adaptive=adaptive, eta=eta, axis_name=axis_name,
           norm_axis_name=norm_axis_name),
-      _momentum_transform(momentum, nesterov, who),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, momentum, nesterov, "sam")
 
 
 def amsgrad(
@@ -261,3 +268,206 @@ def lightsam(
                                       norm_axis_name=norm_axis_name),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+# ----------------------------------------------------------------------------
+# the wider two-pass family, on SGD with optional momentum like ``sam``
+# ----------------------------------------------------------------------------
+
+def gsam(
+    learning_rate,
+    rho,
+    *,
+    alpha: float = 0.4,
+    momentum: Optional[float] = None,
+    nesterov: bool = False,
+    adaptive: bool = False,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GSAM on SGD with optional momentum.
+
+  .. math::
+    h = \nabla f(x + \rho g/(\|g\|+\epsilon)),\quad
+    u = h - \alpha g_\perp,\quad v \leftarrow \mu v + u,\quad
+    x \leftarrow x - \eta_t v
+
+  with :math:`g_\perp` the part of :math:`g` orthogonal to :math:`h` (see
+  :func:`samtx.gsam_perturbation`). ``rho=0`` is bit-for-bit
+  ``optax.sgd``. The paper decays ``rho`` with the learning rate: pass the
+  same kind of schedule for both.
+
+  Args:
+    learning_rate: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule.
+    alpha: ``>= 0``, the weight of the surrogate-gap ascent.
+    adaptive: ASAM's ascent point.
+    momentum: SGD momentum in ``[0, 1)``; ``None`` (or 0) keeps no momentum
+      buffer.
+    nesterov: Nesterov momentum.
+    axis_name: average the output over this mapped axis.
+    norm_axis_name: mesh axes the parameters are sharded over inside
+      ``jax.shard_map`` (see :func:`samtx.sam_perturbation`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, samtx
+    >>> schedule = optax.linear_schedule(0.1, 0.0, 100)
+    >>> opt = samtx.gsam(schedule, rho=optax.linear_schedule(0.05, 0.0, 100))
+    >>> state = opt.init(jnp.zeros(3))
+
+  References:
+    Zhuang et al., 2022, https://arxiv.org/abs/2203.08065
+  """
+  return _on_sgd(
+      perturbations.gsam_perturbation(
+          rho, alpha=alpha, adaptive=adaptive, axis_name=axis_name,
+          norm_axis_name=norm_axis_name),
+      learning_rate, momentum, nesterov, "gsam")
+
+
+def wsam(
+    learning_rate,
+    rho,
+    *,
+    gamma: float = 0.9,
+    momentum: Optional[float] = None,
+    nesterov: bool = False,
+    adaptive: bool = False,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""WSAM (coupled form) on SGD with optional momentum.
+
+  .. math::
+    a = \gamma/(1-\gamma),\quad u = (1-a)\, g + a\, h,\quad
+    v \leftarrow \mu v + u,\quad x \leftarrow x - \eta_t v
+
+  with :math:`h` the gradient at SAM's ascent point (see
+  :func:`samtx.wsam_perturbation`). ``rho=0`` is bit-for-bit ``optax.sgd``.
+
+  Args:
+    learning_rate: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule.
+    gamma: sharpness weight in ``[0, 1)`` (0.5 is SAM).
+    adaptive: ASAM's ascent point.
+    momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> opt = samtx.wsam(0.1, rho=0.05, gamma=0.9, momentum=0.9)
+    >>> state = opt.init(jnp.zeros(3))
+
+  References:
+    Yue et al., 2023, https://arxiv.org/abs/2305.15817
+  """
+  return _on_sgd(
+      perturbations.wsam_perturbation(
+          rho, gamma=gamma, adaptive=adaptive, axis_name=axis_name,
+          norm_axis_name=norm_axis_name),
+      learning_rate, momentum, nesterov, "wsam")
+
+
+def friendly_sam(
+    learning_rate,
+    rho,
+    *,
+    sigma: float = 1.0,
+    lmbda: float = 0.9,
+    momentum: Optional[float] = None,
+    nesterov: bool = False,
+    adaptive: bool = False,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Friendly-SAM on SGD with optional momentum.
+
+  .. math::
+    d = g - \sigma m,\quad m \leftarrow \lambda m + (1-\lambda) g,\quad
+    h = \nabla f(x + \rho d/(\|d\|+\epsilon)),\quad
+    v \leftarrow \mu v + h,\quad x \leftarrow x - \eta_t v
+
+  (``d = m = g`` on the first step, see
+  :func:`samtx.friendly_sam_perturbation`). ``rho=0`` is bit-for-bit
+  ``optax.sgd``. State: SGD's plus one parameter-sized buffer ``m``.
+
+  Args:
+    learning_rate: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule.
+    sigma: ``>= 0``, how much of the gradient's running mean to remove.
+    lmbda: decay of the running mean, in ``[0, 1)``.
+    adaptive: ASAM's scaling of the ascent direction.
+    momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> opt = samtx.friendly_sam(0.1, rho=0.05, momentum=0.9)
+    >>> state = opt.init(jnp.zeros(3))
+
+  References:
+    Li et al., 2024, Friendly sharpness-aware minimization, CVPR 2024,
+    https://arxiv.org/abs/2403.12350
+  """
+  return _on_sgd(
+      perturbations.friendly_sam_perturbation(
+          rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive,
+          axis_name=axis_name, norm_axis_name=norm_axis_name),
+      learning_rate, momentum, nesterov, "friendly_sam")
+
+
+def looksam(
+    learning_rate,
+    rho,
+    *,
+    k: int = 5,
+    alpha: float = 0.7,
+    momentum: Optional[float] = None,
+    nesterov: bool = False,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM on SGD with optional momentum: SAM's second pass every k steps.
+
+  Every ``k``-th step takes SAM's gradient :math:`h` and stores its part
+  :math:`g_v` orthogonal to :math:`g`; the steps in between take one
+  gradient and use :math:`u = g + \alpha\, \|g\| g_v/(\|g_v\|+\epsilon)`
+  (see :func:`samtx.looksam_perturbation`), then
+  :math:`v \leftarrow \mu v + u,\ x \leftarrow x - \eta_t v`. About
+  ``1 + 1/k`` gradient evaluations per step. ``rho=0`` is bit-for-bit
+  ``optax.sgd``. State: SGD's plus one parameter-sized buffer ``g_v``.
+
+  Args:
+    learning_rate: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule.
+    k: second gradient every ``k`` steps, an int ``>= 1``.
+    alpha: ``>= 0``, the weight of the reused direction.
+    momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax.numpy as jnp, samtx
+    >>> opt = samtx.looksam(0.1, rho=0.05, k=5, momentum=0.9)
+    >>> state = opt.init(jnp.zeros(3))
+
+  References:
+    Liu et al., 2022, https://arxiv.org/abs/2203.02714
+  """
+  return _on_sgd(
+      perturbations.looksam_perturbation(
+          rho, k=k, alpha=alpha, axis_name=axis_name,
+          norm_axis_name=norm_axis_name),
+      learning_rate, momentum, nesterov, "looksam")

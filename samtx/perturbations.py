@@ -1,9 +1,12 @@
-"""Two-pass (ascent) perturbations: SAM, ASAM and LightSAM.
+"""Two-pass (ascent) perturbations: SAM, ASAM, LightSAM and the wider family.
 
 Each transform sits first in an ``optax.chain``. Its ``update`` receives the
 gradient ``g`` at ``params``, builds a perturbation ``e``, calls the
 keyword-only ``grad_fn(params + e)`` exactly once and passes that perturbed
-gradient downstream. No copy of the parameters is kept between steps.
+gradient ``h`` -- or, for GSAM, WSAM and LookSAM, a combination of ``g`` and
+``h`` -- downstream. LookSAM calls ``grad_fn`` only every ``k``-th step. No
+copy of the parameters is kept between steps; Friendly-SAM and LookSAM keep
+the one parameter-sized buffer their rule needs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from samtx import _common
@@ -21,6 +25,12 @@ __all__ = [
     "PerturbationState",
     "sam_perturbation",
     "lightsam_perturbation",
+    "gsam_perturbation",
+    "wsam_perturbation",
+    "friendly_sam_perturbation",
+    "looksam_perturbation",
+    "FriendlySAMState",
+    "LookSAMState",
 ]
 
 
@@ -32,16 +42,22 @@ class PerturbationState(NamedTuple):
       schedules).
     perturbation_norm: global L2 norm of the last perturbation ``e``
       (a scalar metric, 0 before the first step).
-    inner: the ascent rule's own statistics (``optax.EmptyState`` for SAM and
-      ASAM; the preconditioner state for LightSAM).
+    inner: the rule's own statistics (``optax.EmptyState`` for SAM, ASAM,
+      GSAM and WSAM; the preconditioner state for LightSAM;
+      :class:`FriendlySAMState` and :class:`LookSAMState`).
   """
   count: jax.Array
   perturbation_norm: jax.Array
   inner: Any
 
 
-# ascent(grads, inner_state, params, rho_t) -> (perturbation, norm, inner_state)
-AscentRule = Callable[[Any, Any, Any, Any], tuple]
+# ascent(grads, inner_state, params, rho_t, count)
+#   -> (perturbation, norm, inner_state)
+AscentRule = Callable[[Any, Any, Any, Any, Any], tuple]
+# combine(grads, perturbed_grads, inner_state, rho_t) -> (output, inner_state)
+CombineRule = Callable[[Any, Any, Any, Any], tuple]
+# reuse(grads, inner_state, rho_t) -> output, on steps without a second pass
+ReuseRule = Callable[[Any, Any, Any], Any]
 
 
 def _reject_masked(params, who: str) -> None:
@@ -64,6 +80,20 @@ def check_axis_arguments(who: str, axis_name, norm_axis_name) -> None:
   _common.check_axis_names("norm_axis_name", norm_axis_name, who)
 
 
+def _pass_through(grads, perturbed, inner, rho_t):
+  """The default output of a two-pass rule: the perturbed gradient itself."""
+  del grads, rho_t
+  return perturbed, inner
+
+
+def _vary_over(tree, varying):
+  """Marks each leaf of ``tree`` as varying over its set in ``varying``."""
+  def cast(x, axes):
+    missing = tuple(sorted(axes - _common.varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(cast, tree, varying)
+
+
 def _two_pass(
     who: str,
     rho,
@@ -71,8 +101,26 @@ def _two_pass(
     init_inner: Callable[[Any], Any],
     ascent: AscentRule,
     norm_axis_name=None,
+    *,
+    combine: CombineRule = _pass_through,
+    reuse: Optional[ReuseRule] = None,
+    every=None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds a two-pass transform from an ascent rule (shared bookkeeping)."""
+  """Builds a two-pass transform from its rules (the shared bookkeeping).
+
+  Every step runs ``ascent`` on the clean gradient ``g``, evaluates
+  ``h = grad_fn(params + e)`` (the only call of ``grad_fn``, through
+  :func:`samtx._common.perturbed_gradient`) and returns
+  ``combine(g, h, inner, rho_t)``. With ``every`` (a positive integer) and
+  ``reuse``, only steps with ``count % every == 0`` take the second pass; the
+  others return ``reuse(g, inner, rho_t)`` instead, inside ``jax.lax.cond`` so
+  the compiled step really skips ``grad_fn`` (LookSAM).
+
+  The output is cast to the gradient's dtypes and, with ``axis_name``,
+  averaged over that axis last: each device applies the rule to its own
+  ``g`` and ``h`` (what m-sharpness asks), and one ``pmean`` keeps every
+  device on the same step whichever branch ran.
+  """
   _common.check_scalar("rho", rho, low=0.0, allow_schedule=True, who=who)
   check_axis_arguments(who, axis_name, norm_axis_name)
 
@@ -91,15 +139,76 @@ def _two_pass(
           f"{who}.update needs params: the perturbation is applied to them.")
     _reject_masked(params, who)
     rho_t = _common.value_at(rho, state.count)
-    perturbation, norm, inner = ascent(updates, state.inner, params, rho_t)
-    perturbed = _common.perturbed_gradient(
-        grad_fn, params, perturbation, updates, axis_name=axis_name, who=who)
-    return perturbed, PerturbationState(
-        count=optax.safe_increment(state.count),
-        perturbation_norm=jnp.asarray(norm, state.perturbation_norm.dtype),
+    norm_dtype = state.perturbation_norm.dtype
+
+    def second_pass():
+      perturbation, norm, inner = ascent(updates, state.inner, params, rho_t,
+                                         state.count)
+      perturbed = _common.perturbed_gradient(
+          grad_fn, params, perturbation, updates, axis_name=None, who=who)
+      output, inner = combine(updates, perturbed, inner, rho_t)
+      return (_common.cast_like(output, updates),
+              jnp.asarray(norm, norm_dtype),
+              _common.cast_like(inner, state.inner))
+
+    def first_pass_only():
+      output = reuse(updates, state.inner, rho_t)
+      return (_common.cast_like(output, updates), state.perturbation_norm,
+              state.inner)
+
+    if reuse is None:
+      output, norm, inner = second_pass()
+    else:
+      # Inside shard_map the second pass's results vary over the data axis
+      # (local g and h) while a reused state is replicated: both branches
+      # must return the same varying axes, so each is cast to their union.
+      varying = jax.tree.map(
+          lambda a, b: _common.varying_axes(a) | _common.varying_axes(b),
+          jax.eval_shape(second_pass), jax.eval_shape(first_pass_only))
+      output, norm, inner = jax.lax.cond(
+          state.count % every == 0,
+          lambda: _vary_over(second_pass(), varying),
+          lambda: _vary_over(first_pass_only(), varying))
+    if axis_name is not None:
+      output = jax.lax.pmean(output, axis_name=axis_name)
+    return output, PerturbationState(
+        count=optax.safe_increment(state.count), perturbation_norm=norm,
         inner=inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _sam_ascent(*, adaptive: bool, eta, eps, norm_axis_name,
+                direction_of=None) -> AscentRule:
+  """SAM's (or ASAM's) ascent along ``direction_of(grads, inner)``.
+
+  SAM: ``e = rho d / (||d|| + eps)``; ASAM, with ``T = |x| + eta``:
+  ``e = rho T^2 d / (||T d|| + eps)``. ``d`` is the gradient itself unless
+  ``direction_of(grads, inner, count)`` returns another direction (and the
+  new inner state), as Friendly-SAM's does.
+  """
+  def ascent(grads, inner, params, rho_t, count):
+    dtype = _common.tree_stat_dtype(grads)
+    if direction_of is None:
+      direction = _common.to_stat(grads)
+    else:
+      direction, inner = direction_of(_common.to_stat(grads), inner, count)
+    if adaptive:
+      scales = jax.tree.map(
+          lambda x, d: jnp.abs(x.astype(d.dtype)) + eta, params, direction)
+      weighted = jax.tree.map(jnp.multiply, scales, direction)
+      direction = jax.tree.map(jnp.multiply, scales, weighted)
+      denominator = _common.global_norm(weighted, dtype, norm_axis_name)
+    else:
+      denominator = _common.global_norm(direction, dtype, norm_axis_name)
+    step = rho_t / (denominator + eps)
+    perturbation = jax.tree.map(lambda d: d * step, direction)
+    # SAM's perturbation norm is known without a second reduction.
+    norm = (step * _common.global_norm(direction, dtype, norm_axis_name)
+            if adaptive else step * denominator)
+    return perturbation, norm, inner
+
+  return ascent
 
 
 def sam_perturbation(
@@ -170,25 +279,8 @@ def sam_perturbation(
   _common.check_scalar("eta", eta, low=0.0, who=who)
   _common.check_scalar("eps", eps, low=0.0, low_open=True, who=who)
 
-  def ascent(grads, inner, params, rho_t):
-    dtype = _common.tree_stat_dtype(grads)
-    grads = _common.to_stat(grads)
-    if adaptive:
-      scales = jax.tree.map(
-          lambda x, g: jnp.abs(x.astype(g.dtype)) + eta, params, grads)
-      weighted = jax.tree.map(jnp.multiply, scales, grads)
-      direction = jax.tree.map(jnp.multiply, scales, weighted)
-      denominator = _common.global_norm(weighted, dtype, norm_axis_name)
-    else:
-      direction = grads
-      denominator = _common.global_norm(grads, dtype, norm_axis_name)
-    step = rho_t / (denominator + eps)
-    perturbation = jax.tree.map(lambda d: d * step, direction)
-    # SAM's perturbation norm is known without a second reduction.
-    norm = (step * _common.global_norm(direction, dtype, norm_axis_name)
-            if adaptive else step * denominator)
-    return perturbation, norm, inner
-
+  ascent = _sam_ascent(adaptive=adaptive, eta=eta, eps=eps,
+                       norm_axis_name=norm_axis_name)
   return _two_pass(who, rho, axis_name, lambda params: optax.EmptyState(),
                    ascent, norm_axis_name)
 
@@ -254,8 +346,8 @@ def lightsam_perturbation(
   preconditioner = moments.lightsam_preconditioner(
       variant, b1=b1, b2=b2, eps=eps, norm_axis_name=norm_axis_name)
 
-  def ascent(grads, inner, params, rho_t):
-    del params
+  def ascent(grads, inner, params, rho_t, count):
+    del params, count
     direction, inner = preconditioner.update(grads, inner)
     direction = _common.to_stat(direction)
     perturbation = jax.tree.map(lambda d: d * rho_t, direction)
@@ -264,3 +356,409 @@ def lightsam_perturbation(
 
   return _two_pass(who, rho, axis_name, preconditioner.init, ascent,
                    norm_axis_name)
+
+
+# ----------------------------------------------------------------------------
+# the wider two-pass family: GSAM, WSAM, Friendly-SAM, LookSAM
+# ----------------------------------------------------------------------------
+
+
+def _check_family_args(who, *, eps, axis_name, norm_axis_name, **unit_range):
+  """Checks eps and the rule's coefficients named in ``unit_range``.
+
+  ``unit_range`` maps a name to ``(value, high)``: the value must lie in
+  ``[0, high)`` (``high=None`` means no upper bound).
+  """
+  _common.check_scalar("eps", eps, low=0.0, low_open=True, who=who)
+  for name, (value, high) in unit_range.items():
+    _common.check_scalar(name, value, low=0.0, high=high,
+                         high_open=high is not None, who=who)
+  check_axis_arguments(who, axis_name, norm_axis_name)
+
+
+def _norms_and_cosine(grads, perturbed, eps, norm_axis_name):
+  """``n(g)``, ``n(h)`` and ``cos = <g, h> / (n(g) n(h) + eps)`` (global)."""
+  dtype = _common.tree_stat_dtype(grads)
+  g_norm = _common.global_norm(grads, dtype, norm_axis_name)
+  h_norm = _common.global_norm(perturbed, dtype, norm_axis_name)
+  inner_product = _common.global_real_vdot(grads, perturbed, dtype,
+                                           norm_axis_name)
+  return g_norm, h_norm, inner_product / (g_norm * h_norm + eps)
+
+
+def _only_when_perturbed(rho_t, value):
+  """``value`` where ``rho_t > 0``, exactly 0 at ``rho_t = 0``.
+
+  At ``rho = 0`` the perturbed gradient is ``g`` itself and the family's
+  correction terms vanish in exact arithmetic but not in floating point;
+  zeroing their coefficient makes ``rho = 0`` reproduce the base optimizer
+  bit for bit.
+  """
+  return jnp.where(jnp.asarray(rho_t) > 0, value, jnp.zeros_like(value))
+
+
+def gsam_perturbation(
+    rho,
+    *,
+    alpha: float = 0.4,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GSAM: SAM's gradient minus the part of ``g`` orthogonal to it.
+
+  With :math:`n(\cdot)` the global L2 norm, :math:`h` the gradient at SAM's
+  ascent point :math:`x + \rho g/(n(g)+\epsilon)` (ASAM's with
+  ``adaptive=True``):
+
+  .. math::
+    \cos = \frac{\langle g, h\rangle}{n(g)\, n(h) + \epsilon},\quad
+    g_\perp = g - \cos\, n(g) \frac{h}{n(h) + \epsilon},\quad
+    \text{output} = h - \alpha\, g_\perp.
+
+  Descending along :math:`-g_\perp` lowers the surrogate gap
+  :math:`f(x+e) - f(x)` without changing the perturbed loss to first order.
+  The paper ties ``rho`` to the learning-rate schedule: pass an optax
+  schedule for ``rho``. No parameter-sized state.
+
+  Args:
+    rho: radius ``>= 0``, a float or an optax schedule of the step count.
+      ``rho=0`` reproduces the base optimizer exactly (``g_perp`` is then
+      taken to be exactly 0).
+    alpha: ``>= 0``, the weight of the surrogate-gap ascent.
+    adaptive: ASAM's ascent point (``T = |x|``, the PyTorch
+      ``adaptive=True`` mode).
+    eps: ``> 0``, keeps a zero gradient finite.
+    axis_name: when set, the output is averaged over this mapped axis
+      (``jax.lax.pmean``) after each device applied the rule to its own
+      ``g`` and ``h``.
+    norm_axis_name: mesh axes the parameters are sharded over inside
+      ``jax.shard_map``; every norm and inner product sums over them (see
+      :func:`sam_perturbation`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> loss = lambda p: p[0] ** 2 + 2 * p[1] ** 2 + p[0] * p[1]
+    >>> tx = samtx.gsam_perturbation(0.5, alpha=0.5)
+    >>> params = jnp.array([1.0, 0.0])
+    >>> out, state = tx.update(jax.grad(loss)(params), tx.init(params),
+    ...                        params, grad_fn=jax.grad(loss))
+    >>> out.round(4)  # h = (3.118, 2.3416), g_perp = (0.2412, -0.3211)
+    Array([2.9975, 2.5021], dtype=float32)
+
+  References:
+    Zhuang et al., 2022, Surrogate gap guided sharpness-aware minimization,
+    https://arxiv.org/abs/2203.08065
+  """
+  who = "gsam_perturbation"
+  _check_family_args(who, eps=eps, axis_name=axis_name,
+                     norm_axis_name=norm_axis_name, alpha=(alpha, None))
+  ascent = _sam_ascent(adaptive=adaptive, eta=0.0, eps=eps,
+                       norm_axis_name=norm_axis_name)
+
+  def combine(grads, perturbed, inner, rho_t):
+    g, h = _common.to_stat(grads), _common.to_stat(perturbed)
+    g_norm, h_norm, cos = _norms_and_cosine(g, h, eps, norm_axis_name)
+    along_h = cos * g_norm / (h_norm + eps)
+    weight = _only_when_perturbed(rho_t, jnp.asarray(alpha, along_h.dtype))
+    output = jax.tree.map(lambda gx, hx: hx - weight * (gx - along_h * hx),
+                          g, h)
+    return output, inner
+
+  return _two_pass(who, rho, axis_name, lambda params: optax.EmptyState(),
+                   ascent, norm_axis_name, combine=combine)
+
+
+def wsam_perturbation(
+    rho,
+    *,
+    gamma: float = 0.9,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""WSAM (coupled form): the loss plus a weighted sharpness term.
+
+  With :math:`h` the gradient at SAM's ascent point (ASAM's with
+  ``adaptive=True``) and :math:`a = \gamma / (1-\gamma)`:
+
+  .. math::
+    \text{output} = (1-a)\, g + a\, h
+    \;=\; h + (1-a)(g - h),
+
+  the gradient of :math:`f(x) + a\,[f(x+e) - f(x)]`: ``gamma=0`` is plain
+  gradient descent, ``gamma=0.5`` is SAM, larger ``gamma`` weighs the
+  sharpness more. It is evaluated in the second form, so ``rho=0``
+  (``h = g``) returns ``g`` bit for bit. No parameter-sized state.
+
+  Args:
+    rho: radius ``>= 0``, a float or an optax schedule of the step count.
+    gamma: sharpness weight in ``[0, 1)``.
+    adaptive: ASAM's ascent point (``T = |x|``).
+    eps: ``> 0``, keeps a zero gradient finite.
+    axis_name: as in :func:`gsam_perturbation`.
+    norm_axis_name: as in :func:`sam_perturbation`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> loss = lambda p: jnp.sum(p ** 2)
+    >>> tx = samtx.wsam_perturbation(5.0, gamma=0.75)  # a = 3
+    >>> params = jnp.array([3.0, 4.0])
+    >>> out, state = tx.update(jax.grad(loss)(params), tx.init(params),
+    ...                        params, grad_fn=jax.grad(loss))
+    >>> out  # -2 g + 3 h with g = 2 x, h = 2 (x + 5 x / |x|) = 2 g
+    Array([24., 32.], dtype=float32)
+
+  References:
+    Yue et al., 2023, Sharpness-aware minimization revisited: weighted
+    sharpness as a regularization term, https://arxiv.org/abs/2305.15817
+  """
+  who = "wsam_perturbation"
+  _check_family_args(who, eps=eps, axis_name=axis_name,
+                     norm_axis_name=norm_axis_name, gamma=(gamma, 1.0))
+  ascent = _sam_ascent(adaptive=adaptive, eta=0.0, eps=eps,
+                       norm_axis_name=norm_axis_name)
+
+  def combine(grads, perturbed, inner, rho_t):
+    del rho_t
+    g, h = _common.to_stat(grads), _common.to_stat(perturbed)
+    weight_of_g = (1 - 2 * gamma) / (1 - gamma)  # 1 - a
+    output = jax.tree.map(lambda gx, hx: hx + weight_of_g * (gx - hx), g, h)
+    return output, inner
+
+  return _two_pass(who, rho, axis_name, lambda params: optax.EmptyState(),
+                   ascent, norm_axis_name, combine=combine)
+
+
+class FriendlySAMState(NamedTuple):
+  """Friendly-SAM's own statistics (``PerturbationState.inner``).
+
+  Attributes:
+    momentum: ``m``, the exponential moving average of clean gradients, one
+      parameter-sized buffer in the statistics dtype (float32 for bfloat16
+      and float16 leaves). The rule needs it: ``g - sigma m`` is the ascent
+      direction.
+  """
+  momentum: optax.Updates
+
+
+def friendly_sam_perturbation(
+    rho,
+    *,
+    sigma: float = 1.0,
+    lmbda: float = 0.9,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Friendly-SAM: ascend along the gradient minus its running mean.
+
+  The full gradient's mean component generalises poorly as an ascent
+  direction; Friendly-SAM removes an exponential moving average of past
+  gradients from it. With ``t`` counting steps from 0:
+
+  .. math::
+    d_t = \begin{cases} g_0 & t = 0\\ g_t - \sigma m_{t-1} & t > 0\end{cases},
+    \quad
+    m_t = \begin{cases} g_0 & t = 0\\
+      \lambda m_{t-1} + (1-\lambda) g_t & t > 0\end{cases},
+
+  ascent point :math:`x + \rho\, d_t/(n(d_t)+\epsilon)` (ASAM's scaling of
+  :math:`d_t` with ``adaptive=True``), output :math:`h`, the gradient there.
+  State: one parameter-sized buffer, ``m`` (:class:`FriendlySAMState`).
+
+  Args:
+    rho: radius ``>= 0``, a float or an optax schedule of the step count.
+      ``rho=0`` reproduces the base optimizer exactly.
+    sigma: ``>= 0``, how much of the running mean to remove.
+    lmbda: decay of the running mean, in ``[0, 1)``.
+    adaptive: ASAM's scaling of the ascent direction (``T = |x|``).
+    eps: ``> 0``, keeps a zero direction finite.
+    axis_name: as in :func:`sam_perturbation`.
+    norm_axis_name: as in :func:`sam_perturbation`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> loss = lambda p: jnp.sum(p ** 2)
+    >>> tx = samtx.friendly_sam_perturbation(0.5, sigma=1.0, lmbda=0.5)
+    >>> params = jnp.array([3.0, 4.0])
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                      grad_fn=jax.grad(loss))
+    >>> state.inner.momentum  # m = g on the first step
+    Array([6., 8.], dtype=float32)
+
+  References:
+    Li et al., 2024, Friendly sharpness-aware minimization, CVPR 2024,
+    https://arxiv.org/abs/2403.12350
+  """
+  who = "friendly_sam_perturbation"
+  _check_family_args(who, eps=eps, axis_name=axis_name,
+                     norm_axis_name=norm_axis_name, sigma=(sigma, None),
+                     lmbda=(lmbda, 1.0))
+
+  def direction_of(grads, inner, count):
+    # m starts at 0, so d = g - sigma * 0 = g exactly on the first step; a
+    # zero decay there makes m = g.
+    direction = jax.tree.map(
+        lambda g, m: g - (sigma * m).astype(g.dtype), grads, inner.momentum)
+    # ``m + 0 d`` (= m for finite d) makes the in-place update of a donated
+    # m wait for the read that builds d; with two unordered readers XLA:CPU
+    # copies every m leaf each step instead.
+    momentum = jax.tree.map(lambda m, d: m + 0 * d, inner.momentum, direction)
+    decay = jnp.where(count == 0, 0.0, lmbda)
+    return direction, FriendlySAMState(
+        momentum=_common.ema(momentum, grads, decay))
+
+  ascent = _sam_ascent(adaptive=adaptive, eta=0.0, eps=eps,
+                       norm_axis_name=norm_axis_name,
+                       direction_of=direction_of)
+  return _two_pass(
+      who, rho, axis_name,
+      lambda params: FriendlySAMState(
+          momentum=_common.full_like_stat(params, 0.0)),
+      ascent, norm_axis_name)
+
+
+class LookSAMState(NamedTuple):
+  """LookSAM's own statistics (``PerturbationState.inner``).
+
+  Attributes:
+    g_v: the part of SAM's gradient orthogonal to ``g``, stored on the steps
+      that take the second gradient and reused in between: one
+      parameter-sized buffer in the statistics dtype.
+    g_v_norm: ``n(g_v)``, a scalar kept so reusing steps need no reduction
+      over ``g_v``.
+  """
+  g_v: optax.Updates
+  g_v_norm: jax.Array
+
+
+def _check_positive_int(name, value, who):
+  """An integer ``>= 1`` (or a traced value, as inject_hyperparams passes)."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
+    arr = np.asarray(value)
+  except Exception as err:  # pragma: no cover - exotic array types
+    raise TypeError(f"{who}: {name} must be a positive int, got {value!r}."
+                    ) from err
+  if (isinstance(value, (bool, np.bool_)) or arr.ndim != 0
+      or not np.issubdtype(arr.dtype, np.integer)):
+    raise TypeError(f"{who}: {name} must be a positive int, got {value!r}.")
+  if int(arr) < 1:
+    raise ValueError(f"{who}: {name} must be >= 1, got {value!r}.")
+
+
+def looksam_perturbation(
+    rho,
+    *,
+    k: int = 5,
+    alpha: float = 0.7,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM: SAM's second gradient only every ``k``-th step.
+
+  On steps with ``count % k == 0``, :math:`h` is the gradient at SAM's
+  ascent point and the part of it orthogonal to :math:`g` is stored:
+
+  .. math::
+    \cos = \frac{\langle g, h\rangle}{n(g)\, n(h) + \epsilon},\quad
+    g_v = h - n(h) \cos \frac{g}{n(g) + \epsilon},\quad
+    \text{output} = h.
+
+  On the other steps ``grad_fn`` is not evaluated (``jax.lax.cond``: the
+  compiled step really skips the second pass) and the stored direction is
+  added, rescaled to the current gradient:
+
+  .. math::
+    \text{output} = g + \alpha \frac{n(g)}{n(g_v) + \epsilon}\, g_v.
+
+  A step costs about ``1 + 1/k`` gradient evaluations on average. With
+  ``rho = 0``, ``g_v`` would be rounding noise rescaled to ``n(g)``; it is
+  taken to be exactly 0, so the base optimizer is reproduced. State: one
+  parameter-sized buffer ``g_v`` and its norm (:class:`LookSAMState`);
+  ``perturbation_norm`` reports the last perturbation actually evaluated.
+
+  Args:
+    rho: radius ``>= 0``, a float or an optax schedule of the step count.
+    k: take the second gradient every ``k`` steps, an int ``>= 1``
+      (``k=1`` is SAM).
+    alpha: ``>= 0``, the weight of the reused direction.
+    eps: ``> 0``, keeps a zero gradient finite.
+    axis_name: as in :func:`gsam_perturbation` (the output of both kinds of
+      step is averaged).
+    norm_axis_name: as in :func:`sam_perturbation`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
+    keyword-only ``grad_fn(params) -> grads``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> loss = lambda p: p[0] ** 2 + 2 * p[1] ** 2 + p[0] * p[1]
+    >>> tx = samtx.looksam_perturbation(0.5, k=2, alpha=1.0)
+    >>> params = jnp.array([1.0, 0.0])
+    >>> state = tx.init(params)
+    >>> grad = jax.grad(loss)
+    >>> h, state = tx.update(grad(params), state, params, grad_fn=grad)
+    >>> state.inner.g_v.round(4)  # the part of h orthogonal to g = (2, 1)
+    Array([-0.313 ,  0.6261], dtype=float32)
+    >>> out, state = tx.update(grad(params), state, params, grad_fn=grad)
+    >>> out.round(4)  # g + n(g) g_v / n(g_v), no grad_fn call
+    Array([1., 3.], dtype=float32)
+
+  References:
+    Liu et al., 2022, Towards efficient and scalable sharpness-aware
+    minimization, https://arxiv.org/abs/2203.02714
+  """
+  who = "looksam_perturbation"
+  _check_positive_int("k", k, who)
+  _check_family_args(who, eps=eps, axis_name=axis_name,
+                     norm_axis_name=norm_axis_name, alpha=(alpha, None))
+  ascent = _sam_ascent(adaptive=False, eta=0.0, eps=eps,
+                       norm_axis_name=norm_axis_name)
+
+  def init_inner(params):
+    return LookSAMState(
+        g_v=_common.full_like_stat(params, 0.0),
+        g_v_norm=jnp.zeros([], _common.tree_stat_dtype(params)))
+
+  def combine(grads, perturbed, inner, rho_t):
+    del inner
+    g, h = _common.to_stat(grads), _common.to_stat(perturbed)
+    g_norm, h_norm, cos = _norms_and_cosine(g, h, eps, norm_axis_name)
+    keep = _only_when_perturbed(rho_t, jnp.ones([], g_norm.dtype))
+    along_g = keep * h_norm * cos / (g_norm + eps)
+    g_v = jax.tree.map(lambda gx, hx: keep * hx - along_g * gx, g, h)
+    return perturbed, LookSAMState(
+        g_v=g_v, g_v_norm=_common.global_norm(g_v, g_norm.dtype,
+                                              norm_axis_name))
+
+  def reuse(grads, inner, rho_t):
+    del rho_t
+    g = _common.to_stat(grads)
+    g_norm = _common.global_norm(g, inner.g_v_norm.dtype, norm_axis_name)
+    scale = alpha * g_norm / (inner.g_v_norm + eps)
+    return jax.tree.map(lambda gx, v: gx + (scale * v).astype(gx.dtype),
+                        g, inner.g_v)
+
+  return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
+                   combine=combine, reuse=reuse, every=k)

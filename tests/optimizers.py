@@ -45,6 +45,25 @@ CASES = {
     "msam": Case(samtx.msam, dict(learning_rate=0.02, rho=0.05), False),
     "msam_adamw": Case(samtx.msam_adamw, dict(
         learning_rate=0.01, rho=0.02, weight_decay=0.0), False),
+    "gsam": Case(samtx.gsam, dict(learning_rate=0.05, rho=0.05, alpha=0.4),
+                 True),
+    "gsam_adaptive_momentum": Case(samtx.gsam, dict(
+        learning_rate=0.02, rho=0.05, alpha=0.4, momentum=0.9,
+        adaptive=True), True),
+    "wsam": Case(samtx.wsam, dict(learning_rate=0.02, rho=0.05, gamma=0.9),
+                 True),
+    "wsam_adaptive_momentum": Case(samtx.wsam, dict(
+        learning_rate=0.01, rho=0.05, gamma=0.9, momentum=0.9,
+        adaptive=True), True),
+    "friendly_sam": Case(samtx.friendly_sam, dict(
+        learning_rate=0.05, rho=0.02, sigma=1.0, lmbda=0.9), True),
+    "friendly_sam_adaptive_momentum": Case(samtx.friendly_sam, dict(
+        learning_rate=0.02, rho=0.02, sigma=1.0, lmbda=0.9, momentum=0.9,
+        adaptive=True), True),
+    "looksam": Case(samtx.looksam, dict(
+        learning_rate=0.05, rho=0.05, k=2, alpha=0.7), True),
+    "looksam_momentum": Case(samtx.looksam, dict(
+        learning_rate=0.02, rho=0.05, k=5, alpha=0.7, momentum=0.9), True),
 }
 
 NEEDS_PARAMS = {name for name, case in CASES.items() if case.two_pass} | {

@@ -187,3 +187,91 @@ def msam_run(problem, steps, lr, rho, *, momentum=0.9, nesterov=False):
     held = [xi - rho * vi / n for xi, vi in zip(x, v)]
     out.append((held, x))
   return out
+
+
+# ------------------------------------------------------ the two-pass family
+def dot(xs, ys):
+  return sum(np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64))
+             for x, y in zip(xs, ys))
+
+
+def run_rule(problem, steps, lr, rule, descent):
+  """x <- x - lr * descent(rule(x, grad(x), grad)), recorded per step.
+
+  ``rule`` may call ``grad`` (the second pass) or not (LookSAM's reuse).
+  """
+  xs = [np.array(x, np.float64) for x in problem.x0]
+  trajectory = []
+  for _ in range(steps):
+    gs = problem.grad(xs)
+    xs = [x - lr * d for x, d in zip(xs, descent(rule(xs, gs, problem.grad)))]
+    trajectory.append(xs)
+  return trajectory
+
+
+def gradient_at_sam_point(xs, gs, grad, rho, adaptive=False, eps=1e-12):
+  es = sam_perturbation(xs, gs, rho, adaptive=adaptive, eps=eps)
+  return grad([x + e for x, e in zip(xs, es)])
+
+
+def gsam_rule(rho, alpha, *, adaptive=False, eps=1e-12):
+  """GSAM: h - alpha (g - cos n(g) h / (n(h) + eps))."""
+  def rule(xs, gs, grad):
+    hs = gradient_at_sam_point(xs, gs, grad, rho, adaptive, eps)
+    ng, nh = norm(gs), norm(hs)
+    cos = dot(gs, hs) / (ng * nh + eps)
+    g_perp = [g - cos * ng * h / (nh + eps) for g, h in zip(gs, hs)]
+    return [h - alpha * p for h, p in zip(hs, g_perp)]
+  return rule
+
+
+def wsam_rule(rho, gamma, *, adaptive=False, eps=1e-12):
+  """WSAM, coupled form: (1 - a) g + a h with a = gamma / (1 - gamma)."""
+  a = gamma / (1 - gamma)
+
+  def rule(xs, gs, grad):
+    hs = gradient_at_sam_point(xs, gs, grad, rho, adaptive, eps)
+    return [(1 - a) * g + a * h for g, h in zip(gs, hs)]
+  return rule
+
+
+class FriendlySAMRule:
+  """Friendly-SAM: ascend along g - sigma m (g on the first step)."""
+
+  def __init__(self, rho, sigma, lmbda, *, adaptive=False, eps=1e-12):
+    self.rho, self.sigma, self.lmbda = rho, sigma, lmbda
+    self.adaptive, self.eps = adaptive, eps
+    self.m = None
+
+  def __call__(self, xs, gs, grad):
+    if self.m is None:
+      ds = [np.array(g) for g in gs]
+      self.m = [np.array(g) for g in gs]
+    else:
+      ds = [g - self.sigma * m for g, m in zip(gs, self.m)]
+      self.m = [self.lmbda * m + (1 - self.lmbda) * g
+                for m, g in zip(self.m, gs)]
+    es = sam_perturbation(xs, ds, self.rho, adaptive=self.adaptive,
+                          eps=self.eps)
+    return grad([x + e for x, e in zip(xs, es)])
+
+
+class LookSAMRule:
+  """LookSAM: SAM's gradient every k-th step, a stored g_v in between."""
+
+  def __init__(self, rho, k, alpha, *, eps=1e-12):
+    self.rho, self.k, self.alpha, self.eps = rho, k, alpha, eps
+    self.t, self.g_v, self.second_passes = 0, None, 0
+
+  def __call__(self, xs, gs, grad):
+    t, self.t = self.t, self.t + 1
+    ng = norm(gs)
+    if t % self.k == 0:
+      self.second_passes += 1
+      hs = gradient_at_sam_point(xs, gs, grad, self.rho, eps=self.eps)
+      nh = norm(hs)
+      cos = dot(gs, hs) / (ng * nh + self.eps)
+      self.g_v = [h - nh * cos * g / (ng + self.eps) for g, h in zip(gs, hs)]
+      return hs
+    scale = self.alpha * ng / (norm(self.g_v) + self.eps)
+    return [g + scale * v for g, v in zip(gs, self.g_v)]

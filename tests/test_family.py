@@ -1,0 +1,468 @@
+"""GSAM, WSAM, Friendly-SAM and LookSAM: references, limits, LookSAM's skip.
+
+The generic properties (jit, inject_hyperparams, dtypes, MultiSteps, ...) run
+over these aliases in ``test_common_suite.py``; here each rule is checked
+against its NumPy recurrence in ``tests/reference.py``, against the optimizers
+it reduces to, and LookSAM against the claim that skipped steps never call
+``grad_fn``.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import samtx
+from tests import helpers
+from tests import reference
+
+STEPS = 6
+LR = 0.05
+# (adaptive, momentum, nesterov): plain SGD and ASAM's point with Nesterov.
+SETTINGS = [(False, 0.0, False), (True, 0.9, True)]
+
+
+def _check(dtype, opt, rule, momentum, nesterov):
+  problem, loss, params, _ = helpers.problem_and_loss(dtype)
+  got, _ = helpers.run(opt, loss, params, STEPS)
+  sgd = reference.SGD(problem.x0, momentum, nesterov)
+  want = reference.run_rule(problem, STEPS, LR, rule, sgd)
+  helpers.assert_close_to_reference(got, want, dtype)
+
+
+# ------------------------------------------------------------- references
+# name -> (alias, its rule's kwargs, reference rule for a given adaptive)
+RULES = {
+    "gsam": (samtx.gsam, dict(alpha=0.6),
+             lambda adaptive: reference.gsam_rule(0.1, 0.6, adaptive=adaptive)),
+    "wsam": (samtx.wsam, dict(gamma=0.8),
+             lambda adaptive: reference.wsam_rule(0.1, 0.8, adaptive=adaptive)),
+    "friendly_sam": (samtx.friendly_sam, dict(sigma=0.8, lmbda=0.6),
+                     lambda adaptive: reference.FriendlySAMRule(
+                         0.1, 0.8, 0.6, adaptive=adaptive)),
+}
+
+
+@pytest.mark.parametrize("adaptive,momentum,nesterov", SETTINGS)
+@pytest.mark.parametrize("name", RULES)
+def test_matches_reference(dtype, name, adaptive, momentum, nesterov):
+  alias, kwargs, rule = RULES[name]
+  opt = alias(LR, 0.1, adaptive=adaptive, momentum=momentum or None,
+              nesterov=nesterov, **kwargs)
+  _check(dtype, opt, rule(adaptive), momentum, nesterov)
+
+
+@pytest.mark.parametrize("k,momentum,nesterov", [(2, 0.0, False),
+                                                 (4, 0.9, True)])
+def test_looksam_matches_reference(dtype, k, momentum, nesterov):
+  opt = samtx.looksam(LR, 0.1, k=k, alpha=0.7, momentum=momentum or None,
+                      nesterov=nesterov)
+  rule = reference.LookSAMRule(0.1, k, 0.7)
+  _check(dtype, opt, rule, momentum, nesterov)
+  assert rule.second_passes == -(-STEPS // k)
+
+
+def test_rho_schedule_is_evaluated_at_the_step_count():
+  """GSAM ties rho to the lr schedule: both schedules step together."""
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  lr = optax.linear_schedule(LR, 0.0, 10)
+  rho = optax.linear_schedule(0.1, 0.0, 10)
+  got, _ = helpers.run(samtx.gsam(lr, rho, alpha=0.6), loss, params, STEPS)
+  grad_fn = jax.grad(loss)
+
+  @jax.jit
+  def constant_step(p, s, lr_t, rho_t):
+    opt = samtx.gsam(lr_t, rho_t, alpha=0.6)
+    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  # By hand: the constants the schedules yield at t, on one state.
+  p, s = params, samtx.gsam(LR, 0.1, alpha=0.6).init(params)
+  for t in range(STEPS):
+    p, s = constant_step(p, s, lr(t), rho(t))
+    for a, b in zip(jax.tree.leaves(got[t]), jax.tree.leaves(p)):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+# -------------------------------------------------- limits of each rule
+FAMILY = {
+    "gsam": lambda rho, **kw: samtx.gsam(LR, rho, alpha=0.6, **kw),
+    "gsam_adaptive": lambda rho, **kw: samtx.gsam(LR, rho, adaptive=True,
+                                                  **kw),
+    "wsam": lambda rho, **kw: samtx.wsam(LR, rho, gamma=0.8, **kw),
+    "friendly_sam": lambda rho, **kw: samtx.friendly_sam(LR, rho, **kw),
+    "looksam": lambda rho, **kw: samtx.looksam(LR, rho, k=2, **kw),
+}
+
+
+def _assert_trajectories_equal(got, want):
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_rho_zero_is_sgd_bit_for_bit(name):
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  opt = FAMILY[name](0.0, momentum=0.9, nesterov=True)
+  got, _ = helpers.run(opt, loss, params, STEPS)
+  want, _ = helpers.run(optax.sgd(LR, momentum=0.9, nesterov=True), loss,
+                        params, STEPS)
+  _assert_trajectories_equal(got, want)
+
+
+@pytest.mark.parametrize("name,make", [
+    ("gsam alpha=0", lambda: samtx.gsam(LR, 0.1, alpha=0.0)),
+    ("wsam gamma=0.5", lambda: samtx.wsam(LR, 0.1, gamma=0.5)),
+    ("friendly_sam sigma=0", lambda: samtx.friendly_sam(LR, 0.1, sigma=0.0)),
+    ("looksam k=1", lambda: samtx.looksam(LR, 0.1, k=1)),
+])
+def test_reduces_to_sam(name, make):
+  """Each rule's SAM limit: no correction, or the second pass every step."""
+  del name
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  got, _ = helpers.run(make(), loss, params, STEPS)
+  want, _ = helpers.run(samtx.sam(LR, 0.1), loss, params, STEPS)
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_wsam_gamma_zero_is_sgd():
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  got, _ = helpers.run(samtx.wsam(LR, 0.1, gamma=0.0), loss, params, STEPS)
+  want, _ = helpers.run(optax.sgd(LR), loss, params, STEPS)
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_zero_gradient_gives_finite_zero_update(name):
+  opt = FAMILY[name](0.1, momentum=0.9)
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  zero_grad_fn = lambda p: jax.tree.map(jnp.zeros_like, p)
+  state = opt.init(params)
+  update = jax.jit(lambda g, s, p: opt.update(g, s, p, grad_fn=zero_grad_fn))
+  for _ in range(3):  # LookSAM(k=2) reuses a zero g_v on the second step
+    updates, state = update(zero_grad_fn(params), state, params)
+    for leaf in jax.tree.leaves((updates, state)):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+    for leaf in jax.tree.leaves(updates):
+      np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_gsam_correction_is_orthogonal_to_the_perturbed_gradient():
+  """<g_perp, h> = 0: output - h = -alpha g_perp is orthogonal to h."""
+  with jax.enable_x64(True):
+    _, loss, params, _ = helpers.problem_and_loss(jnp.float64)
+    tx = samtx.gsam_perturbation(0.3, alpha=0.5)
+    grad = jax.grad(loss)
+
+    @jax.jit
+    def output_and_h(p):
+      g = grad(p)
+      out, _ = tx.update(g, tx.init(p), p, grad_fn=grad)
+      g_norm = jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))
+      return out, grad(jax.tree.map(lambda x, gx: x + 0.3 * gx / g_norm, p, g))
+
+    out, h = output_and_h(params)
+    h = helpers.leaves(h)
+    correction = [o - x for o, x in zip(helpers.leaves(out), h)]
+    assert reference.norm(correction) > 1e-3
+    np.testing.assert_allclose(reference.dot(correction, h), 0.0, atol=1e-10)
+
+
+# --------------------------------------------------------------- state size
+@pytest.mark.parametrize("make,buffers", [
+    (lambda: samtx.gsam_perturbation(0.1), 0),
+    (lambda: samtx.gsam_perturbation(0.1, adaptive=True), 0),
+    (lambda: samtx.wsam_perturbation(0.1), 0),
+    (lambda: samtx.friendly_sam_perturbation(0.1), 1),
+    (lambda: samtx.looksam_perturbation(0.1), 1),
+])
+def test_state_holds_only_what_the_rule_needs(make, buffers):
+  """GSAM/WSAM keep scalars; Friendly-SAM's m and LookSAM's g_v are one
+  parameter-sized buffer each (float32 for bfloat16 params)."""
+  params = {"w": jnp.ones((50, 40), jnp.bfloat16), "b": jnp.ones(40)}
+  state = make().init(params)
+  arrays = [x for x in jax.tree.leaves(state) if np.ndim(x) > 0]
+  assert sum(x.size for x in arrays) == buffers * (50 * 40 + 40)
+  assert all(x.dtype == jnp.float32 for x in arrays)
+
+
+# -------------------------------------------------------- LookSAM's skip
+def _counting_grad_fn(loss, calls):
+  grad = jax.grad(loss)
+
+  def grad_fn(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return grad(p)
+  return grad_fn
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_looksam_evaluates_grad_fn_once_per_k_steps_under_jit(k):
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  opt = samtx.looksam(LR, 0.1, k=k, momentum=0.9)
+  calls, traces = [], []
+  grad_fn = _counting_grad_fn(loss, calls)
+
+  @jax.jit
+  def step(p, s):
+    traces.append(None)
+    u, s = opt.update(jax.grad(loss)(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  p, s = params, opt.init(params)
+  for n in range(1, 3 * k + 1):
+    p, s = step(p, s)
+    jax.effects_barrier()
+    assert len(calls) == -(-n // k), n
+  assert len(traces) == 1
+
+
+def _cond_branches(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond":
+      return eqn.params["branches"]
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      found = _cond_branches(sub)
+      if found is not None:
+        return found
+  return None
+
+
+def test_looksam_skip_branch_contains_no_grad_fn_call():
+  """The compiled step's false branch holds no trace of grad_fn at all."""
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  tx = samtx.looksam_perturbation(0.1, k=5)
+  grad_fn = _counting_grad_fn(loss, [])
+  jaxpr = jax.make_jaxpr(
+      lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
+          jax.grad(loss)(params), tx.init(params), params)
+  skip, second_pass = _cond_branches(jaxpr.jaxpr)
+  has_callback = lambda j: "debug_callback" in str(j)
+  assert not has_callback(skip) and has_callback(second_pass)
+  # The skip branch is a handful of elementwise ops and one norm, not a
+  # forward-backward pass of the model.
+  assert len(skip.jaxpr.eqns) < len(second_pass.jaxpr.eqns) / 2
+
+
+def test_looksam_reuse_step_keeps_g_v_and_the_reported_norm():
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  tx = samtx.looksam_perturbation(0.1, k=3)
+  grad = jax.grad(loss)
+  state = tx.init(params)
+  _, first = tx.update(grad(params), state, params, grad_fn=grad)
+  np.testing.assert_allclose(float(first.perturbation_norm), 0.1, rtol=1e-5)
+  np.testing.assert_allclose(
+      float(first.inner.g_v_norm), reference.norm(helpers.leaves(
+          first.inner.g_v)), rtol=1e-5)
+  moved = jax.tree.map(lambda x: x + 0.1, params)
+  _, second = tx.update(grad(moved), first, moved, grad_fn=grad)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    if a.dtype != jnp.int32:
+      np.testing.assert_array_equal(a, b)
+  assert int(second.count) == 2
+
+
+# ------------------------------------------------------ data and model axes
+def _device_loss(loss, i, params):
+  """A different loss per device: shifted by the device index ``i``."""
+  return loss(params) + i * sum(jnp.sum(jnp.sin(x))
+                                for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("make", [
+    functools.partial(samtx.gsam_perturbation, 0.1),
+    functools.partial(samtx.looksam_perturbation, 0.1, k=2),
+])
+def test_axis_name_averages_the_per_device_outputs(make):
+  """Each device applies the rule to its own g and h; the outputs are
+  averaged (one pmean), on LookSAM's reuse steps as on its second passes."""
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  devices = 4
+  shift = functools.partial(_device_loss, loss)
+  grads = jax.vmap(lambda i: jax.grad(functools.partial(shift, i))(params))(
+      jnp.arange(devices, dtype=jnp.float32))
+  mapped, single = make(axis_name="batch"), make()
+  state = jax.vmap(lambda _: mapped.init(params))(jnp.arange(devices))
+  singles = [single.init(params) for _ in range(devices)]
+
+  def device_update(i, g, s):
+    return mapped.update(g, s, params,
+                         grad_fn=jax.grad(functools.partial(shift, i)))
+
+  update = jax.jit(jax.vmap(device_update, axis_name="batch"))
+  single_update = jax.jit(lambda i, g, s: single.update(
+      g, s, params, grad_fn=jax.grad(functools.partial(shift, i))))
+  for _ in range(3):
+    out, state = update(jnp.arange(devices, dtype=jnp.float32), grads, state)
+    want = []
+    for i in range(devices):
+      g_i = jax.tree.map(lambda x: x[i], grads)
+      o, singles[i] = single_update(jnp.float32(i), g_i, singles[i])
+      want.append(o)
+    mean = jax.tree.map(lambda *xs: sum(xs) / devices, *want)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(mean)):
+      for d in range(devices):
+        np.testing.assert_allclose(a[d], b, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    # SAM and LightSAM-I: the same psum path (it was dead on jax 0.10).
+    functools.partial(samtx.sam, LR, 0.1, adaptive=True),
+    functools.partial(samtx.lightsam, LR, 0.1, variant="adagrad_norm"),
+    functools.partial(samtx.gsam, LR, 0.1, adaptive=True),
+    functools.partial(samtx.friendly_sam, LR, 0.1, adaptive=True),
+    functools.partial(samtx.looksam, LR, 0.1, k=2),
+])
+def test_norm_axis_name_under_shard_map_equals_the_unsharded_run(make):
+  """Parameters split over a 'model' axis: every norm and inner product of
+  the rule (inside LookSAM's cond too) sums the blocks, so the trajectory
+  equals the unsharded one."""
+  P = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((4,), ("model",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+  target = {"w": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+  # An elementwise loss sum(cosh(x - t) + 0.1 x^4), gradient written out:
+  # a block's gradient needs only that block, and a replicated leaf's
+  # gradient is not summed over the model axis by shard_map's autodiff.
+  grad_of = lambda p, t: jax.tree.map(
+      lambda x, y: jnp.sinh(x - y) + 0.4 * x ** 3, p, t)
+  specs = {"w": P("model"), "b": P()}
+
+  plain = make()
+  p_plain, s_plain = params, plain.init(params)
+  sharded = make(norm_axis_name="model")
+
+  def local_step(p, s, t):
+    grad_fn = lambda q: grad_of(q, t)
+    u, s = sharded.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  with jax.set_mesh(mesh):
+    put = lambda tree: jax.tree.map(
+        lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(
+            mesh, spec)), tree, specs)
+    p_sh, t_sh = put(params), put(target)
+    s_sh = sharded.init(p_sh)
+    state_specs = jax.tree.map(lambda x: x.sharding.spec, s_sh)
+    step = jax.jit(jax.shard_map(
+        local_step, mesh=mesh, in_specs=(specs, state_specs, specs),
+        out_specs=(specs, state_specs)))
+    for _ in range(3):
+      p_sh, s_sh = step(p_sh, s_sh, t_sh)
+      grad_fn = lambda q: grad_of(q, target)
+      u, s_plain = plain.update(grad_fn(p_plain), s_plain, p_plain,
+                                grad_fn=grad_fn)
+      p_plain = optax.apply_updates(p_plain, u)
+      for a, b in zip(jax.tree.leaves(p_sh), jax.tree.leaves(p_plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6,
+                                   atol=1e-6)
+
+
+# ------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("make,arg", [
+    (lambda: samtx.gsam_perturbation(-0.1), "rho"),
+    (lambda: samtx.gsam(0.1, 0.1, alpha=-0.5), "alpha"),
+    (lambda: samtx.gsam_perturbation(0.1, eps=0.0), "eps"),
+    (lambda: samtx.gsam(-1.0, 0.1), "learning_rate"),
+    (lambda: samtx.wsam(0.1, 0.1, gamma=1.0), "gamma"),
+    (lambda: samtx.wsam_perturbation(0.1, gamma=-0.1), "gamma"),
+    (lambda: samtx.wsam(0.1, -0.1), "rho"),
+    (lambda: samtx.friendly_sam(0.1, 0.1, sigma=-1.0), "sigma"),
+    (lambda: samtx.friendly_sam(0.1, 0.1, lmbda=1.0), "lmbda"),
+    (lambda: samtx.friendly_sam_perturbation(0.1, lmbda=float("nan")),
+     "lmbda"),
+    (lambda: samtx.friendly_sam(0.1, 0.1, momentum=1.5), "momentum"),
+    (lambda: samtx.looksam(0.1, 0.1, k=0), "k"),
+    (lambda: samtx.looksam_perturbation(0.1, k=2.5), "k"),
+    (lambda: samtx.looksam_perturbation(0.1, k=True), "k"),
+    (lambda: samtx.looksam(0.1, 0.1, alpha=-0.1), "alpha"),
+    (lambda: samtx.looksam(0.1, 0.1, nesterov=True), "nesterov"),
+    (lambda: samtx.looksam_perturbation(0.1, axis_name=3), "axis_name"),
+    (lambda: samtx.gsam(0.1, jnp.ones(2)), "rho"),
+])
+def test_bad_arguments_are_named(make, arg):
+  with pytest.raises((ValueError, TypeError), match=arg):
+    make()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: samtx.gsam_perturbation(0.1),
+    lambda: samtx.friendly_sam_perturbation(0.1),
+    lambda: samtx.looksam_perturbation(0.1, k=3),
+])
+def test_missing_grad_fn_is_a_clear_error(make):
+  tx = make()
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(TypeError, match="grad_fn"):
+    tx.update(params, tx.init(params), params)
+
+
+# ------------------------------------------------------------ donation
+@pytest.mark.parametrize("name", ["gsam", "friendly_sam", "looksam"])
+def test_donated_step_compiles_once_and_updates_in_place(name):
+  """Every parameter and state array (LookSAM's g_v through both branches of
+  its cond too) is written into its donated input, with no host round trip
+  and no retrace."""
+  opt = FAMILY[name](0.1, momentum=0.9)
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  grad_fn = jax.grad(loss)
+  traces = []
+
+  def step(p, s):
+    traces.append(None)
+    u, s = opt.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = jax.tree.map(lambda x: x.copy(), opt.init(params))
+  compiled = step.lower(params, state).compile()
+  arrays = [x for x in jax.tree.leaves((params, state)) if x.ndim > 0]
+  assert compiled.memory_analysis().alias_size_in_bytes >= sum(
+      x.nbytes for x in arrays)
+  with jax.transfer_guard("disallow"):
+    for _ in range(4):
+      params, state = step(params, state)
+  assert all(x.is_deleted() for x in arrays)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name,make", [
+    ("looksam", lambda: samtx.looksam(0.1, 0.05, k=2, axis_name="batch")),
+    ("gsam", lambda: samtx.gsam(0.1, 0.05, axis_name="batch")),
+])
+def test_shard_map_step_with_per_device_perturbations_matches_pmap(name,
+                                                                  make):
+  """m-sharpness under shard_map: local g and h make LookSAM's second pass
+  vary over the data axis while its reuse branch returns the replicated
+  state; both branches must agree on that (else lax.cond refuses), and the
+  numbers equal pmap's."""
+  import samtx.parallel as par
+  del name
+  opt = make()
+  loss_fn = lambda p, b: jnp.mean((b @ p - 1.0) ** 2)
+  batch = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)),
+                      jnp.float32)
+  mesh = jax.make_mesh((4,), ("batch",))
+  pmap_step = par.pmap_step(loss_fn, opt, devices=jax.devices()[:4])
+  shard_step = par.shard_map_step(loss_fn, opt, mesh)
+  p1 = par.pmap_replicate(jnp.zeros(3), jax.devices()[:4])
+  s1 = par.pmap_replicate(opt.init(jnp.zeros(3)), jax.devices()[:4])
+  p2 = par.replicate(jnp.zeros(3), mesh)
+  s2 = par.replicate(opt.init(jnp.zeros(3)), mesh)
+  for _ in range(3):
+    p1, s1, _ = pmap_step(p1, s1, batch)
+    p2, s2, _ = shard_step(p2, s2, batch)
+    np.testing.assert_allclose(np.asarray(p1[0]), np.asarray(p2), rtol=1e-5,
+                               atol=1e-7)
