@@ -17,13 +17,18 @@ def test_held_weights_and_unperturb_follow_recurrence_for_20_steps(
     dtype, nesterov, momentum):
   problem, loss, params, _ = helpers.problem_and_loss(dtype)
   opt = samtx.msam(0.02, rho=0.1, momentum=momentum, nesterov=nesterov)
-  step = helpers.make_step(opt, loss)
-  state = opt.init(params)
   want = reference.msam_run(problem, 20, 0.02, 0.1, momentum=momentum,
                             nesterov=nesterov)
   tol = helpers.tolerances(dtype)
   if dtype == jnp.float32:
     tol = {"rtol": 1e-4, "atol": 2e-5}  # 20 steps of float32 rounding
+  _assert_held_and_clean_follow(opt, loss, params, want, tol)
+
+
+def _assert_held_and_clean_follow(opt, loss, params, want, tol):
+  """Held weights and unperturb(...) match a reference's (held, clean)."""
+  step = helpers.make_step(opt, loss)
+  state = opt.init(params)
   for t, (held_ref, clean_ref) in enumerate(want):
     params, state = step(params, state)
     for got, ref in zip(helpers.leaves(params), held_ref):
@@ -171,18 +176,10 @@ def test_undo_is_exact_whatever_the_gradients(make, scenario):
 def test_msam_adamw_follows_the_official_recurrence(dtype):
   problem, loss, params, _ = helpers.problem_and_loss(dtype)
   opt = samtx.msam_adamw(0.01, rho=0.1, weight_decay=0.05)
-  step = helpers.make_step(opt, loss)
-  state = opt.init(params)
   want = reference.msam_adamw_run(problem, 20, 0.01, 0.1, weight_decay=0.05)
   tol = ({"rtol": 1e-9, "atol": 1e-11} if dtype == jnp.float64
          else {"rtol": 1e-4, "atol": 2e-5})
-  for t, (held_ref, clean_ref) in enumerate(want):
-    params, state = step(params, state)
-    for got, ref in zip(helpers.leaves(params), held_ref):
-      np.testing.assert_allclose(got, ref, err_msg=f"held, step {t}", **tol)
-    clean = samtx.unperturb(params, state)
-    for got, ref in zip(helpers.leaves(clean), clean_ref):
-      np.testing.assert_allclose(got, ref, err_msg=f"clean, step {t}", **tol)
+  _assert_held_and_clean_follow(opt, loss, params, want, tol)
 
 
 def test_msam_adamw_state_is_adam_plus_scalars():

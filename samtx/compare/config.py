@@ -125,7 +125,8 @@ GRIDS: Dict[str, Dict[str, tuple]] = {
 _CNN_SET = ("sgd", "adamw", "sam", "msam", "adasam", "msam_adamw")
 _MLP_SET = ("sgd", "adamw", "amsgrad", "sam", "asam", "msam", "adasam",
             "adasam_adam", "msam_adamw", "lightsam_i", "lightsam_ii",
-            "lightsam_iii", "adasam_delayed")
+            "lightsam_iii", "adasam_delayed", "gsam", "wsam", "friendly_sam",
+            "looksam")
 _TRANSFORMER_SET = ("adam", "adamw", "amsgrad", "adasam", "adasam_adam",
                     "sam_adamw", "msam_adamw")
 
