@@ -775,8 +775,14 @@ def pmap_step(
   call = _model_loss(loss_fn, has_aux, has_model_state, who)
   body = _train_body(call, optimizer,
                      _DataAxis(axis_name, m_sharpness=m_sharpness), who)
+  # in_axes must not be a flat tuple of ints/None: jax 0.10's pmap then
+  # assigns it leaf by leaf whenever the arguments have exactly five leaves
+  # (one param array, a 3-leaf optimizer state, the batch, model_state=None,
+  # rng=None), so the batch got rng's None and each device the global batch.
+  # Wrapping the batch in a 1-tuple makes in_axes a nested prefix.
   mapped = jax.pmap(
-      body, axis_name=axis_name, devices=devices, in_axes=(0, 0, 0, 0, None),
+      lambda p, s, b, m, r: body(p, s, b[0], m, r), axis_name=axis_name,
+      devices=devices, in_axes=(0, 0, (0,), 0, None),
       out_axes=(0, 0, 0, None), donate_argnums=(0, 1, 3) if donate else ())
 
   checked = []
@@ -791,7 +797,7 @@ def pmap_step(
       checked.append(True)
     split = jax.tree.map(
         lambda x: x.reshape((n, size // n) + tuple(x.shape[1:])), batch)
-    return _outputs(mapped(params, opt_state, split, model_state, rng),
+    return _outputs(mapped(params, opt_state, (split,), model_state, rng),
                     has_model_state)
 
   return step

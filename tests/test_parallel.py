@@ -512,3 +512,36 @@ def test_model_state_aux_and_param_specs_arguments_are_checked():
     par.shard_map_step(clash, opt, mesh, has_aux=True)(p, s, batch)
   with pytest.raises(ValueError, match="param_specs"):
     par.shard_map_step(loss_fn, opt, mesh, param_specs={"w": P()})(p, s, batch)
+
+
+def compute_pmap_step_five_leaf_arguments():
+  """One pmap_step of Friendly-SAM whose arguments have exactly 5 leaves."""
+  x = make_data()[0][0][:, :3]  # 8 very different shards of 4 rows
+  opt = samtx.friendly_sam(LR, RHO, axis_name="batch")
+  w = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
+  # w, count, perturbation_norm, momentum, batch: as many leaves as the
+  # step's five arguments (model_state and rng are None).
+  assert len(jax.tree.leaves((w, opt.init(w), x, None, None))) == 5
+  step = par.pmap_step(lambda p, b: jnp.mean((b @ p - 1.0) ** 2), opt)
+  p, _, _ = step(par.pmap_replicate(w), par.pmap_replicate(opt.init(w)), x)
+  return {"w": par.unreplicate(p), "x": x, "w0": w}
+
+
+def test_pmap_step_splits_batch_whatever_the_leaf_count():
+  """Regression: jax.pmap's flat in_axes fast path gave every device the
+  global batch when the arguments had exactly five leaves, so m-sharpness
+  silently became a global perturbation."""
+  from tests import fresh_process
+  out = fresh_process.run("tests.test_parallel",
+                          "compute_pmap_step_five_leaf_arguments")
+  x, w = np.asarray(out["x"], np.float64), np.asarray(out["w0"], np.float64)
+  grad = lambda v, xs: 2.0 * xs.T @ (xs @ v - 1.0) / len(xs)
+
+  def sam_grad(xs):  # Friendly-SAM's first step is SAM's (m = 0)
+    g = grad(w, xs)
+    return grad(w + RHO * g / np.linalg.norm(g), xs)
+
+  local = w - LR * np.mean([sam_grad(s) for s in np.split(x, N_DEV)], 0)
+  glob = w - LR * sam_grad(x)
+  assert np.max(np.abs(local - glob)) > 1e-3  # the check is not vacuous
+  np.testing.assert_allclose(out["w"], local, rtol=2e-5, atol=2e-6)
