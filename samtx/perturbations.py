@@ -152,6 +152,7 @@ def _two_pass(
               _common.cast_like(inner, state.inner))
 
     def first_pass_only():
+      assert reuse is not None  # only reached through the cond below
       output = reuse(updates, state.inner, rho_t)
       return (_common.cast_like(output, updates), state.perturbation_norm,
               state.inner)
