@@ -70,7 +70,8 @@ def _reject_masked(params, who: str) -> None:
         " receive lack the leaves grad_fn needs. To freeze leaves, zero their"
         " gradients around the perturbation instead: optax.chain("
         "optax.masked(optax.set_to_zero(), frozen), samtx.sam_perturbation(rho),"
-        " optax.masked(optax.set_to_zero(), frozen), optax.sgd(lr)).")
+        " optax.masked(optax.set_to_zero(), frozen), optax.sgd(lr)) (for"
+        " GSAM and LookSAM also zero the frozen leaves of grad_fn's output).")
 
 
 def check_axis_arguments(who: str, axis_name, norm_axis_name) -> None:
