@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -211,3 +212,17 @@ def test_a_dataset_whose_module_is_missing_names_that_module(tmp_path, capsys,
   line = _error(TINY + ["--out", str(tmp_path)], capsys)
   assert "dataset 'digits' cannot load: Python module 'scipy' is missing" in line
   assert "scikit-learn" not in line.split("missing")[0]
+
+
+@pytest.mark.parametrize("workload", ["digits-mlp", "mnist1d-cnn",
+                                      "text-transformer"])
+def test_tuned_table_matches_the_committed_sweep(workload):
+  """config.TUNED (used without --tune) holds exactly the winners of the
+  committed tuning.json, so a rerun of a sweep cannot leave it stale."""
+  from samtx.compare import config
+  path = (pathlib.Path(__file__).parents[1] / "benchmarks" / "results"
+          / "compare" / workload / "tuning.json")
+  raw = json.loads(path.read_text())
+  for entry in raw.get("tuning", raw):
+    got = config.TUNED[workload][float(entry["noise"])][entry["optimizer"]]
+    assert tuple(got) == tuple(entry["best"]), entry["optimizer"]
