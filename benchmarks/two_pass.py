@@ -12,7 +12,17 @@ band of those ratios (the noise) and the ratio of the fastest repeats.
 
 LookSAM(k=5) takes the second pass on one step in five, so it is compared
 with the base step (limit ``1 + 1/k = 1.2``); every timed block is a whole
-number of LookSAM cycles.
+number of LookSAM cycles. ``looksam(reuse steps)`` times its steps without
+a second pass alone (``k = 2**30``; the one second pass is a warm-up step).
+
+Rows named ``floor: ...`` are hand-fused steps of the same maths in plain
+``jax.numpy`` (one function, no optax chain, no tree bookkeeping): what the
+fewest passes over memory XLA can fuse the rule into cost. Each floor is
+checked against its samtx optimizer (same parameters after three steps)
+before it is timed. ``floor: lightsam_II`` computes everything samtx's
+LightSAM-II returns, the reported perturbation norm included; the ``no
+norm`` floor drops that one reduction, so it bounds what any implementation
+of the rule could cost.
 
 Run::
 
@@ -31,6 +41,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -64,16 +75,150 @@ def optimizers() -> dict:
       "samtx.friendly_sam": (samtx.friendly_sam(LR, RHO, **sgd_m), two),
       f"samtx.looksam(k={LOOKSAM_K})": (
           samtx.looksam(LR, RHO, k=LOOKSAM_K, **sgd_m), two),
+      # Only the first (warm-up) step takes the second pass: the cost of a
+      # reusing step alone, against the base step.
+      "samtx.looksam(reuse steps)": (
+          samtx.looksam(LR, RHO, k=2**30, **sgd_m), two),
   }
 
 
-def build(model, opt, kind, key):
-  """A compiled, donated step of ``opt`` on ``model``; (Stepper, record)."""
-  params = _timing.unshare(model.init(key))
-  state = _timing.unshare(opt.init(params))
+# ----------------------------------------------------------------------------
+# hand-fused floors: the same maths as one plain jax.numpy function
+# ----------------------------------------------------------------------------
+
+B1, B2, EPS = 0.9, 0.999, 1e-8  # samtx.lightsam's defaults
+
+
+def _tree_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+
+
+def _scaled(n, v):
+  """``n / sqrt(v)`` the way samtx writes it (``rsqrt`` of ``v + tiny``)."""
+  return n * jax.lax.rsqrt(v + jnp.finfo(v.dtype).tiny)
+
+
+def _floor_sam(loss):
+  """SAM on SGD with momentum: ``x += rho g/(|g|+eps)``, ``m = h + mu m``."""
+  grad = jax.grad(loss)
+
+  def step(params, state, batch):
+    m, _ = state
+    g = grad(params, batch)
+    g_norm = _tree_norm(g)
+    scale = RHO / (g_norm + 1e-12)
+    h = grad(jax.tree.map(lambda x, d: x + scale * d, params, g), batch)
+    m = jax.tree.map(lambda m, h: h + MOMENTUM * m, m, h)
+    return (jax.tree.map(lambda x, m: x - LR * m, params, m),
+            (m, scale * g_norm))
+
+  def from_samtx(state):  # (PerturbationState, TraceState, EmptyState)
+    return state[1].trace, state[0].perturbation_norm
+
+  return step, lambda p: (jax.tree.map(jnp.zeros_like, p),
+                          jnp.zeros([])), from_samtx
+
+
+def _floor_lightsam(loss, variant: str, report_norm: bool):
+  """LightSAM-II (``"adagrad"``) or -III (``"adam"``), DESIGN.md's rule.
+
+  State: ``(u, v, norm)`` for II, ``(r, u, m, v, norm)`` for III.
+  """
+  grad = jax.grad(loss)
+  adam = variant == "adam"
+  if adam:
+    mean = lambda r, s: B1 * r + (1 - B1) * s
+    square = lambda u, s: B2 * u + (1 - B2) * s * s
+  else:
+    square = lambda u, s: u + s * s
+
+  def step(params, state, batch):
+    s = grad(params, batch)
+    if adam:
+      r, u, m, v, _ = state
+      r = jax.tree.map(mean, r, s)
+    else:
+      u, v, _ = state
+      r = s
+    u = jax.tree.map(square, u, s)
+    d = jax.tree.map(_scaled, r, u)
+    norm = RHO * _tree_norm(d) if report_norm else jnp.zeros([])
+    h = grad(jax.tree.map(lambda x, d: x + RHO * d, params, d), batch)
+    m = jax.tree.map(mean, m, h) if adam else h
+    v = jax.tree.map(square, v, h)
+    params = jax.tree.map(lambda x, m, v: x - LR * _scaled(m, v), params, m,
+                          v)
+    return params, ((r, u, m, v, norm) if adam else (u, v, norm))
+
+  def init(p):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, p)
+    floor = lambda: jax.tree.map(lambda x: jnp.full_like(x, EPS**2), p)
+    if adam:
+      return zeros(), floor(), zeros(), floor(), jnp.zeros([])
+    return floor(), floor(), jnp.zeros([])
+
+  def from_samtx(state):  # (PerturbationState, descent state, EmptyState)
+    ascent, descent, norm = state[0].inner, state[1], state[0].perturbation_norm
+    if adam:
+      return ascent.mu, ascent.nu, descent.mu, descent.nu, norm
+    return ascent.sum_of_squares, descent.sum_of_squares, norm
+
+  return step, init, from_samtx
+
+
+def floors(loss) -> dict:
+  """``name -> (step, init, from_samtx, the samtx optimizer it matches)``.
+
+  ``from_samtx`` maps that optimizer's state to the floor's.
+  """
+  return {
+      "floor: sam": (*_floor_sam(loss), SAM),
+      "floor: lightsam_II": (*_floor_lightsam(loss, "adagrad", True),
+                             "samtx.lightsam_II"),
+      "floor: lightsam_II, no norm": (
+          *_floor_lightsam(loss, "adagrad", False), "samtx.lightsam_II"),
+      "floor: lightsam_III": (*_floor_lightsam(loss, "adam", True),
+                              "samtx.lightsam_III"),
+      "floor: lightsam_III, no norm": (
+          *_floor_lightsam(loss, "adam", False), "samtx.lightsam_III"),
+  }
+
+
+def check_floor(model, floor_step, from_samtx, opt, key, warmup=3) -> float:
+  """Largest ``|x_floor - x_samtx| / max |x|`` after one step from one state.
+
+  samtx takes ``warmup`` steps first, so the step compared starts from
+  non-trivial moments, which are mapped into the floor's state; then each
+  takes one step from the same parameters and state. Comparing single steps
+  keeps the check exact: over many steps LightSAM-III's ``eps**2 = 1e-16``
+  second moment amplifies last-bit differences of gradient entries near
+  ``eps`` (the floor and samtx fuse ``x + e`` differently). Raises unless
+  the two agree to float32 rounding, i.e. if the floor computes other maths.
+  """
+  params = model.init(key)
   batch = model.make_batch(jax.random.key(1))
-  compiled = _timing.compile_step(step_time.make_step(opt, model.loss, kind),
-                                  params, state, batch)
+  samtx_step = jax.jit(step_time.make_step(opt, model.loss,
+                                           step_time.TWO_PASS))
+  state = opt.init(params)
+  for _ in range(warmup):
+    params, state = samtx_step(params, state, batch)
+  a, _ = samtx_step(params, state, batch)
+  b, _ = jax.jit(floor_step)(params, from_samtx(state), batch)
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(a))
+  diff = max(float(jnp.max(jnp.abs(x - y)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+  if not diff <= 1e-6:
+    raise AssertionError(
+        f"hand-fused floor differs from samtx: {diff:.2g} of max |x|")
+  return diff
+
+
+def build(model, step, init, key):
+  """A compiled, donated ``step`` on ``model``; (Stepper, record)."""
+  params = _timing.unshare(model.init(key))
+  state = _timing.unshare(init(params))
+  batch = model.make_batch(jax.random.key(1))
+  compiled = _timing.compile_step(step, params, state, batch)
   record = {"compile_s": compiled.compile_s, "cost": compiled.cost,
             "memory": compiled.memory,
             "state_bytes": _timing.tree_bytes(state)}
@@ -143,9 +288,20 @@ def main(argv=None) -> dict:
     entries = {k: v for k, v in entries.items() if k in keep}
   log(f"two-pass step time: {model.description}, {machine['cpu']}"
       f" ({machine['cpu_count']} cores), load {machine['load_avg_at_start']}")
+  steps = {name: (step_time.make_step(opt, model.loss, kind), opt.init)
+           for name, (opt, kind) in entries.items()}
+  floor_diffs = {}
+  for name, (step, init, from_samtx, of) in floors(model.loss).items():
+    if of in entries:
+      floor_diffs[name] = check_floor(model, step, from_samtx,
+                                      entries[of][0], jax.random.key(0))
+      steps[name] = (step, init)
+      log(f"  {name} matches {of} (one step: max |diff| ="
+          f" {floor_diffs[name]:.1e} max |x|)")
   steppers, records = {}, {}
-  for name, (opt, kind) in entries.items():
-    steppers[name], records[name] = build(model, opt, kind, jax.random.key(0))
+  for name, (step, init) in steps.items():
+    steppers[name], records[name] = build(model, step, init,
+                                          jax.random.key(0))
     log(f"  compiled {name:28s} {records[name]['compile_s']:6.2f} s")
   if args.profile:
     for name, stepper in steppers.items():
@@ -158,13 +314,14 @@ def main(argv=None) -> dict:
 
   rows = []
   sam_flops = records[SAM]["cost"]["flops"]
-  for name in entries:
+  for name in steps:
     flops = records[name]["cost"]["flops"]
     rows.append({
         "name": name, **_timing.summary(times[name]),
         "vs_sam": _timing.paired_ratio(times[name], times[SAM]),
         "vs_base": _timing.paired_ratio(times[name], times[BASE]),
         "flops_vs_sam": flops / sam_flops if flops and sam_flops else None,
+        "step_diff_vs_samtx": floor_diffs.get(name),
         **{k: v for k, v in records[name].items()}})
   try:
     load_end = os.getloadavg()
@@ -179,11 +336,11 @@ def main(argv=None) -> dict:
                    "looksam_k": LOOKSAM_K},
       "wall_s": time.perf_counter() - t0, "rows": rows,
   }
-  log(f"\n{'optimizer':28s} {'ms':>8s} {'/sam':>7s} {'IQR':>13s}"
+  log(f"\n{'optimizer':30s} {'ms':>8s} {'/sam':>7s} {'IQR':>13s}"
       f" {'min/min':>7s} {'/base':>7s}")
   for r in rows:
     s, b = r["vs_sam"], r["vs_base"]
-    log(f"{r['name']:28s} {r['median_ms']:8.2f} {s['ratio']:7.3f}"
+    log(f"{r['name']:30s} {r['median_ms']:8.2f} {s['ratio']:7.3f}"
         f" {s['q25']:6.3f}-{s['q75']:6.3f} {s['min_ratio']:7.3f}"
         f" {b['ratio']:7.3f}")
   prefix = _timing.write_results(

@@ -56,8 +56,9 @@ class PerturbationState(NamedTuple):
 AscentRule = Callable[[Any, Any, Any, Any, Any], tuple]
 # combine(grads, perturbed_grads, inner_state, rho_t) -> (output, inner_state)
 CombineRule = Callable[[Any, Any, Any, Any], tuple]
-# reuse(grads, inner_state, rho_t) -> output, on steps without a second pass
-ReuseRule = Callable[[Any, Any, Any], Any]
+# reuse(grads, inner_state, rho_t) -> (coefficient, direction): on steps
+# without a second pass the output is grads + coefficient * direction
+ReuseRule = Callable[[Any, Any, Any], tuple]
 
 
 def _reject_masked(params, who: str) -> None:
@@ -114,8 +115,9 @@ def _two_pass(
   :func:`samtx._common.perturbed_gradient`) and returns
   ``combine(g, h, inner, rho_t)``. With ``every`` (a positive integer) and
   ``reuse``, only steps with ``count % every == 0`` take the second pass; the
-  others return ``reuse(g, inner, rho_t)`` instead, inside ``jax.lax.cond`` so
-  the compiled step really skips ``grad_fn`` (LookSAM).
+  others return ``g + c d`` with ``(c, d) = reuse(g, inner, rho_t)``, and the
+  compiled step really skips ``grad_fn`` (LookSAM, see
+  :func:`_every_kth_second_pass`).
 
   The output is cast to the gradient's dtypes and, with ``axis_name``,
   averaged over that axis last: each device applies the rule to its own
@@ -142,35 +144,22 @@ def _two_pass(
     rho_t = _common.value_at(rho, state.count)
     norm_dtype = state.perturbation_norm.dtype
 
-    def second_pass():
-      perturbation, norm, inner = ascent(updates, state.inner, params, rho_t,
+    def second_pass(grads):
+      perturbation, norm, inner = ascent(grads, state.inner, params, rho_t,
                                          state.count)
       perturbed = _common.perturbed_gradient(
-          grad_fn, params, perturbation, updates, axis_name=None, who=who)
-      output, inner = combine(updates, perturbed, inner, rho_t)
-      return (_common.cast_like(output, updates),
+          grad_fn, params, perturbation, grads, axis_name=None, who=who)
+      output, inner = combine(grads, perturbed, inner, rho_t)
+      return (_common.cast_like(output, grads),
               jnp.asarray(norm, norm_dtype),
               _common.cast_like(inner, state.inner))
 
-    def first_pass_only():
-      assert reuse is not None  # only reached through the cond below
-      output = reuse(updates, state.inner, rho_t)
-      return (_common.cast_like(output, updates), state.perturbation_norm,
-              state.inner)
-
     if reuse is None:
-      output, norm, inner = second_pass()
+      output, norm, inner = second_pass(updates)
     else:
-      # Inside shard_map the second pass's results vary over the data axis
-      # (local g and h) while a reused state is replicated: both branches
-      # must return the same varying axes, so each is cast to their union.
-      varying = jax.tree.map(
-          lambda a, b: _common.varying_axes(a) | _common.varying_axes(b),
-          jax.eval_shape(second_pass), jax.eval_shape(first_pass_only))
-      output, norm, inner = jax.lax.cond(
-          state.count % every == 0,
-          lambda: _vary_over(second_pass(), varying),
-          lambda: _vary_over(first_pass_only(), varying))
+      output, norm, inner = _every_kth_second_pass(
+          state.count % every == 0, second_pass, reuse, updates, state,
+          rho_t)
     if axis_name is not None:
       output = jax.lax.pmean(output, axis_name=axis_name)
     return output, PerturbationState(
@@ -178,6 +167,44 @@ def _two_pass(
         inner=inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
+                           state, rho_t):
+  """``second_pass(g)`` when ``take_second_pass``, else ``g + c d``.
+
+  ``(c, d) = reuse(g, inner, rho_t)``. The branch is a ``while_loop`` that
+  runs its body once or not at all, not a ``jax.lax.cond``: a loop updates
+  its carried buffers in place, so on reusing steps ``g`` and the state pass
+  through untouched, and ``g + c d`` is formed after the loop, where XLA
+  fuses it into the downstream update. A cond instead writes ``g + c d``
+  out from its branch and the update reads it back, or, if the branch only
+  passes ``g`` and the state through, copies them (XLA:CPU, jax 0.10): on
+  a reusing step that costs 7 % of the base optimizer's step, against 1.5 %
+  for the loop (``benchmarks/two_pass.py``). The reused output is computed
+  from the loop's outputs (on a reusing step, ``g`` and the old state), so
+  nothing the loop carries is read again after it.
+  """
+  def skip():
+    return grads, state.perturbation_norm, state.inner
+
+  # Inside shard_map the second pass's results vary over the data axis
+  # (local g and h) while a reused state is replicated: the carry must have
+  # the same varying axes either way, so both are cast to their union.
+  varying = jax.tree.map(
+      lambda a, b: _common.varying_axes(a) | _common.varying_axes(b),
+      jax.eval_shape(second_pass, grads), jax.eval_shape(skip))
+  _, (output, norm, inner) = jax.lax.while_loop(
+      lambda carry: carry[0],
+      lambda carry: (jnp.zeros([], bool),
+                     _vary_over(second_pass(carry[1][0]), varying)),
+      (jnp.asarray(take_second_pass), _vary_over(skip(), varying)))
+  coefficient, direction = reuse(output, inner, rho_t)
+  return jax.tree.map(
+      lambda out, d: jnp.where(
+          take_second_pass, out,
+          (out.astype(d.dtype) + coefficient * d).astype(out.dtype)),
+      output, direction), norm, inner
 
 
 def _sam_ascent(*, adaptive: bool, eta, eps, norm_axis_name,
@@ -686,9 +713,9 @@ def looksam_perturbation(
     g_v = h - n(h) \cos \frac{g}{n(g) + \epsilon},\quad
     \text{output} = h.
 
-  On the other steps ``grad_fn`` is not evaluated (``jax.lax.cond``: the
-  compiled step really skips the second pass) and the stored direction is
-  added, rescaled to the current gradient:
+  On the other steps ``grad_fn`` is not evaluated (the second pass sits in
+  a loop that the compiled step runs once or not at all) and the stored
+  direction is added, rescaled to the current gradient:
 
   .. math::
     \text{output} = g + \alpha \frac{n(g)}{n(g_v) + \epsilon}\, g_v.
@@ -698,6 +725,10 @@ def looksam_perturbation(
   taken to be exactly 0, so the base optimizer is reproduced. State: one
   parameter-sized buffer ``g_v`` and its norm (:class:`LookSAMState`);
   ``perturbation_norm`` reports the last perturbation actually evaluated.
+  That loop (a ``jax.lax.while_loop``, which keeps ``g`` and the state in
+  place on reusing steps) supports ``jax.jvp`` and ``jax.vmap`` through
+  ``update`` but not reverse-mode ``jax.grad``, which JAX refuses with an
+  error.
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
@@ -758,9 +789,7 @@ def looksam_perturbation(
     del rho_t
     g = _common.to_stat(grads)
     g_norm = _common.global_norm(g, inner.g_v_norm.dtype, norm_axis_name)
-    scale = alpha * g_norm / (inner.g_v_norm + eps)
-    return jax.tree.map(lambda gx, v: gx + (scale * v).astype(gx.dtype),
-                        g, inner.g_v)
+    return alpha * g_norm / (inner.g_v_norm + eps), inner.g_v
 
   return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
                    combine=combine, reuse=reuse, every=k)

@@ -225,31 +225,38 @@ def test_looksam_evaluates_grad_fn_once_per_k_steps_under_jit(k):
   assert len(traces) == 1
 
 
-def _cond_branches(jaxpr):
+def _find_eqn(jaxpr, name):
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "cond":
-      return eqn.params["branches"]
+    if eqn.primitive.name == name:
+      return eqn
     for sub in jax.core.jaxprs_in_params(eqn.params):
-      found = _cond_branches(sub)
+      found = _find_eqn(sub, name)
       if found is not None:
         return found
   return None
 
 
-def test_looksam_skip_branch_contains_no_grad_fn_call():
-  """The compiled step's false branch holds no trace of grad_fn at all."""
+def test_looksam_grad_fn_runs_only_inside_the_once_or_never_loop():
+  """grad_fn is traced only in the loop body, which runs iff count % k == 0.
+
+  Outside the body the step is a handful of elementwise ops and one norm,
+  not a forward-backward pass of the model.
+  """
   _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
   tx = samtx.looksam_perturbation(0.1, k=5)
   grad_fn = _counting_grad_fn(loss, [])
   jaxpr = jax.make_jaxpr(
       lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
-          jax.grad(loss)(params), tx.init(params), params)
-  skip, second_pass = _cond_branches(jaxpr.jaxpr)
+          jax.grad(loss)(params), tx.init(params), params).jaxpr
+  loop = _find_eqn(jaxpr, "while")
+  body, cond = loop.params["body_jaxpr"], loop.params["cond_jaxpr"]
   has_callback = lambda j: "debug_callback" in str(j)
-  assert not has_callback(skip) and has_callback(second_pass)
-  # The skip branch is a handful of elementwise ops and one norm, not a
-  # forward-backward pass of the model.
-  assert len(skip.jaxpr.eqns) < len(second_pass.jaxpr.eqns) / 2
+  outside = [e for e in jaxpr.eqns if e is not loop]
+  assert has_callback(body) and not has_callback(cond)
+  assert not any(has_callback(e) for e in outside)
+  # The loop runs while its boolean carry holds; the body clears it.
+  assert len(cond.jaxpr.eqns) == 0 and cond.jaxpr.outvars[0].aval.dtype == bool
+  assert len(outside) < len(body.jaxpr.eqns) / 2
 
 
 def test_looksam_reuse_step_keeps_g_v_and_the_reported_norm():
