@@ -159,7 +159,7 @@ def _two_pass(
     else:
       output, norm, inner = _every_kth_second_pass(
           state.count % every == 0, second_pass, reuse, updates, state,
-          rho_t)
+          rho_t, axis_name)
     if axis_name is not None:
       output = jax.lax.pmean(output, axis_name=axis_name)
     return output, PerturbationState(
@@ -170,7 +170,7 @@ def _two_pass(
 
 
 def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
-                           state, rho_t):
+                           state, rho_t, axis_name):
   """``second_pass(g)`` when ``take_second_pass``, else ``g + c d``.
 
   ``(c, d) = reuse(g, inner, rho_t)``. The branch is a ``while_loop`` that
@@ -179,25 +179,40 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   through untouched, and ``g + c d`` is formed after the loop, where XLA
   fuses it into the downstream update. A cond instead writes ``g + c d``
   out from its branch and the update reads it back, or, if the branch only
-  passes ``g`` and the state through, copies them (XLA:CPU, jax 0.10): on
-  a reusing step that costs 7 % of the base optimizer's step, against 1.5 %
-  for the loop (``benchmarks/two_pass.py``). The reused output is computed
-  from the loop's outputs (on a reusing step, ``g`` and the old state), so
-  nothing the loop carries is read again after it.
+  passes ``g`` and the state through, copies them (XLA:CPU, jax 0.10): a
+  reusing step then costs 1.08-1.10x the base optimizer's step, against
+  1.04-1.07x with the loop (``benchmarks/two_pass.py``). The reused output
+  is computed from the loop's outputs (on a reusing step, ``g`` and the old
+  state), so nothing the loop carries is read again after it. With
+  ``axis_name`` the reported perturbation norm is averaged over the axis,
+  so that it is replicated like the rest of the state.
   """
   def skip():
     return grads, state.perturbation_norm, state.inner
 
+  def body(g):
+    output, norm, inner = second_pass(g)
+    if axis_name is not None:
+      norm = jax.lax.pmean(norm, axis_name)
+    return output, norm, inner
+
   # Inside shard_map the second pass's results vary over the data axis
-  # (local g and h) while a reused state is replicated: the carry must have
-  # the same varying axes either way, so both are cast to their union.
-  varying = jax.tree.map(
-      lambda a, b: _common.varying_axes(a) | _common.varying_axes(b),
-      jax.eval_shape(second_pass, grads), jax.eval_shape(skip))
+  # (local g and h) while a reused state is replicated: the carry takes the
+  # union of both, and the body, which reads g from the carry, is typed
+  # again with that g until nothing changes.
+  varying = _union_of_varying(jax.eval_shape(body, grads),
+                              jax.eval_shape(skip))
+  typed_as = [_common.varying_axes(g) for g in jax.tree.leaves(grads)]
+  for _ in range(len(jax.tree.leaves(varying))):
+    if jax.tree.leaves(varying[0]) == typed_as:
+      break
+    typed_as = jax.tree.leaves(varying[0])
+    typed_g = jax.eval_shape(lambda: _vary_over(grads, varying[0]))
+    varying = _union_of_varying(varying, jax.eval_shape(body, typed_g))
   _, (output, norm, inner) = jax.lax.while_loop(
       lambda carry: carry[0],
       lambda carry: (jnp.zeros([], bool),
-                     _vary_over(second_pass(carry[1][0]), varying)),
+                     _vary_over(body(carry[1][0]), varying)),
       (jnp.asarray(take_second_pass), _vary_over(skip(), varying)))
   coefficient, direction = reuse(output, inner, rho_t)
   return jax.tree.map(
@@ -205,6 +220,13 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
           take_second_pass, out,
           (out.astype(d.dtype) + coefficient * d).astype(out.dtype)),
       output, direction), norm, inner
+
+
+def _union_of_varying(a, b):
+  """Leafwise union of the axes two same-structured trees vary over."""
+  as_set = lambda x: x if isinstance(x, frozenset) else _common.varying_axes(x)
+  return jax.tree.map(lambda x, y: frozenset(as_set(x) | as_set(y)), a, b,
+                      is_leaf=lambda x: isinstance(x, frozenset))
 
 
 def _sam_ascent(*, adaptive: bool, eta, eps, norm_axis_name,
@@ -737,7 +759,9 @@ def looksam_perturbation(
     alpha: ``>= 0``, the weight of the reused direction.
     eps: ``> 0``, keeps a zero gradient finite.
     axis_name: as in :func:`gsam_perturbation` (the output of both kinds of
-      step is averaged).
+      step is averaged). The stored ``g_v`` is the average of the devices'
+      ``g_v`` and ``g_v_norm`` its norm, so the state stays replicated; the
+      reported ``perturbation_norm`` is the devices' average.
     norm_axis_name: as in :func:`sam_perturbation`.
 
   Returns:
@@ -781,6 +805,10 @@ def looksam_perturbation(
     keep = _only_when_perturbed(rho_t, jnp.ones([], g_norm.dtype))
     along_g = keep * h_norm * cos / (g_norm + eps)
     g_v = jax.tree.map(lambda gx, hx: keep * hx - along_g * gx, g, h)
+    if axis_name is not None:
+      # One direction for all devices, and the norm of that direction: the
+      # reuse rule assumes n(g_v) is the length of the g_v it adds.
+      g_v = jax.lax.pmean(g_v, axis_name)
     return perturbed, LookSAMState(
         g_v=g_v, g_v_norm=_common.global_norm(g_v, g_norm.dtype,
                                               norm_axis_name))

@@ -284,13 +284,26 @@ def _device_loss(loss, i, params):
                                 for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("make", [
-    functools.partial(samtx.gsam_perturbation, 0.1),
-    functools.partial(samtx.looksam_perturbation, 0.1, k=2),
+def _averaged_looksam_state(states):
+  """What LookSAM with ``axis_name`` stores: the devices' mean ``g_v``, the
+  norm of that mean, and the mean reported perturbation norm."""
+  mean = lambda *xs: sum(xs) / len(xs)
+  g_v = jax.tree.map(mean, *[s.inner.g_v for s in states])
+  return states[0]._replace(
+      perturbation_norm=mean(*[s.perturbation_norm for s in states]),
+      inner=samtx.LookSAMState(
+          g_v=g_v, g_v_norm=jnp.float32(reference.norm(helpers.leaves(g_v)))))
+
+
+@pytest.mark.parametrize("make,shared_state", [
+    (functools.partial(samtx.gsam_perturbation, 0.1), False),
+    (functools.partial(samtx.looksam_perturbation, 0.1, k=2), True),
 ])
-def test_axis_name_averages_the_per_device_outputs(make):
+def test_axis_name_averages_the_per_device_outputs(make, shared_state):
   """Each device applies the rule to its own g and h; the outputs are
-  averaged (one pmean), on LookSAM's reuse steps as on its second passes."""
+  averaged (one pmean), on LookSAM's reuse steps as on its second passes.
+  LookSAM stores one direction for all devices: the mean of their g_v, with
+  the norm of that mean (what its reuse steps then add)."""
   _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
   devices = 4
   shift = functools.partial(_device_loss, loss)
@@ -318,6 +331,11 @@ def test_axis_name_averages_the_per_device_outputs(make):
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(mean)):
       for d in range(devices):
         np.testing.assert_allclose(a[d], b, rtol=2e-5, atol=1e-6)
+    if shared_state:
+      singles = [_averaged_looksam_state(singles)] * devices
+      for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(singles[0])):
+        for d in range(devices):
+          np.testing.assert_allclose(a[d], b, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("make", [

@@ -22,6 +22,7 @@ DIM = 5
 STEPS = 3
 LR, RHO = 0.05, 0.2
 B1, B2, EPS = 0.9, 0.999, 1e-8
+LOOKSAM_K, LOOKSAM_ALPHA = 2, 0.7
 
 
 # ----------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def sam_gradient(p, parts, m_sharpness):
 
 
 def reference(kind, params, batch, n_shards, m_sharpness, steps=STEPS):
-  """Float64 NumPy run of SAM / AdaSAM / LightSAM-I / MSAM."""
+  """Float64 NumPy run of SAM / AdaSAM / LightSAM-I / MSAM / LookSAM."""
   p = np_params(params)
   parts = shards(batch, n_shards)
   m = [0.0 * q for q in p]
@@ -99,7 +100,8 @@ def reference(kind, params, batch, n_shards, m_sharpness, steps=STEPS):
   vhat = [0.0 * q + EPS ** 2 for q in p]
   u_acc = v_acc = EPS ** 2
   rho_now = 0.0
-  for _ in range(steps):
+  g_v, g_v_norm = None, 0.0
+  for t in range(steps):
     if kind == "sam":
       h = sam_gradient(p, parts, m_sharpness)
       p = [q - LR * hi for q, hi in zip(p, h)]
@@ -138,6 +140,34 @@ def reference(kind, params, batch, n_shards, m_sharpness, steps=STEPS):
       rho_now = RHO
       vn = norm(m) + 1e-12
       p = [q - rho_now * a / vn for q, a in zip(p, m)]
+    elif kind == "looksam":
+      # Device k takes its own g_k (m-sharpness) or the global g; on
+      # second-pass steps the stored direction is the devices' mean g_v and
+      # its norm that mean's norm; outputs are averaged over the devices.
+      if m_sharpness:
+        grads = [np_grad(p, *part) for part in parts]
+      else:
+        grads = [np_grad(p, *_concatenate_parts(parts))] * len(parts)
+      outs = []
+      if t % LOOKSAM_K == 0:
+        directions = []
+        for g, part in zip(grads, parts):
+          scale = RHO / (norm(g) + 1e-12)
+          h = np_grad([q + scale * gi for q, gi in zip(p, g)], *part)
+          g_norm, h_norm = norm(g), norm(h)
+          cos = sum(np.sum(a * b) for a, b in zip(g, h)) / (
+              g_norm * h_norm + 1e-12)
+          along = h_norm * cos / (g_norm + 1e-12)
+          directions.append([hi - along * gi for hi, gi in zip(h, g)])
+          outs.append(h)
+        g_v = [sum(d) / len(parts) for d in zip(*directions)]
+        g_v_norm = norm(g_v)
+      else:
+        for g in grads:
+          c = LOOKSAM_ALPHA * norm(g) / (g_v_norm + 1e-12)
+          outs.append([gi + c * vi for gi, vi in zip(g, g_v)])
+      out = [sum(o) / len(parts) for o in zip(*outs)]
+      p = [q - LR * o for q, o in zip(p, out)]
     else:
       raise AssertionError(kind)
   return p
@@ -158,6 +188,9 @@ def optimizer(kind, axis_name):
                           axis_name=axis_name)
   if kind == "msam":
     return samtx.msam(LR, RHO, momentum=0.9)
+  if kind == "looksam":
+    return samtx.looksam(LR, RHO, k=LOOKSAM_K, alpha=LOOKSAM_ALPHA,
+                         axis_name=axis_name)
   raise AssertionError(kind)
 
 
@@ -213,7 +246,7 @@ def assert_close(tree, ref, rtol=2e-5, atol=2e-6):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
-KINDS = ["sam", "adasam", "lightsam", "msam"]
+KINDS = ["sam", "adasam", "lightsam", "msam", "looksam"]
 
 
 # ----------------------------------------------------------------------------
@@ -242,7 +275,7 @@ def test_m_sharpness_three_paths_match_per_shard_reference(kind):
     np.testing.assert_allclose(metrics["loss"], m_pmap["loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sam", "adasam", "lightsam"])
+@pytest.mark.parametrize("kind", ["sam", "adasam", "lightsam", "looksam"])
 def test_m_sharpness_differs_from_global_perturbation(kind):
   """Control: the per-shard and global references really differ here, so the
   test above would catch per-device gradients being summed or averaged."""
