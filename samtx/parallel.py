@@ -256,10 +256,24 @@ def _average_perturbation_state(state, axis_name):
 
   In m-sharpness mode these hold statistics of the local gradient; averaging
   them keeps the optimizer state replicated. Integer leaves (counts) are
-  identical on all devices and are left alone.
+  identical on all devices and are left alone. Inside ``shard_map``, which
+  types every value with the axes it varies over, a leaf typed replicated
+  is already the same on every device and is not averaged again: LookSAM
+  averages its stored direction itself, on second-pass steps only, so its
+  reusing steps stay free of a parameter-sized all-reduce. Under ``pmap``
+  and named ``vmap`` nothing is typed, and every float leaf is averaged.
   """
+  typed = axis_name in _common.varying_axes(jax.lax.axis_index(axis_name))
+
+  def average(x):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      return x
+    if typed and axis_name not in _common.varying_axes(x):
+      return x
+    return jax.lax.pmean(x, axis_name)
+
   return jax.tree.map(
-      lambda s: _mean_inexact(s, axis_name)
+      lambda s: jax.tree.map(average, s)
       if isinstance(s, PerturbationState) else s,
       state, is_leaf=lambda s: isinstance(s, PerturbationState))
 

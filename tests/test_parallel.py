@@ -578,3 +578,51 @@ def test_pmap_step_splits_batch_whatever_the_leaf_count():
   glob = w - LR * sam_grad(x)
   assert np.max(np.abs(local - glob)) > 1e-3  # the check is not vacuous
   np.testing.assert_allclose(out["w"], local, rtol=2e-5, atol=2e-6)
+
+
+def _count_sums(jaxpr):
+  """All-reduce sums in ``jaxpr`` (``psum``; ``psum_invariant`` is its name
+  inside a vma-checked ``shard_map``)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name in ("psum", "psum_invariant")
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      count += _count_sums(sub)
+  return count
+
+
+def test_settle_averages_only_what_varies_under_shard_map():
+  """Inside shard_map a state leaf typed replicated (LookSAM's stored
+  direction, averaged by the optimizer itself) is not all-reduced again
+  every step; a leaf of local statistics is. Under pmap nothing is typed
+  and both are averaged."""
+  from samtx.perturbations import PerturbationState
+  mesh = explicit_mesh()
+  replicated = jnp.arange(3.0)
+  local = jnp.arange(3.0 * N_DEV).reshape(N_DEV, 3)
+
+  def settle(rep, loc):
+    state = PerturbationState(count=jnp.zeros([], jnp.int32),
+                              perturbation_norm=jnp.zeros([]),
+                              inner={"rep": rep, "loc": loc})
+    out = par._average_perturbation_state(state, "batch")
+    return out.inner["rep"], out.inner["loc"]
+
+  smap = jax.jit(jax.shard_map(settle, mesh=mesh, in_specs=(P(), P("batch")),
+                               out_specs=(P(), P())))
+  put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh,
+                                                                     spec))
+  args = put(replicated, P()), put(local, P("batch"))
+  rep, loc = smap(*args)
+  np.testing.assert_array_equal(rep, replicated)
+  np.testing.assert_allclose(loc, local.mean(0, keepdims=True))
+  jaxpr = jax.make_jaxpr(smap)(*args).jaxpr
+  # the local leaf only (the zero perturbation norm is replicated too)
+  assert _count_sums(jaxpr) == 1
+
+  pmapped = jax.pmap(settle, axis_name="batch", in_axes=(None, 0))
+  rep, loc = pmapped(replicated, local)
+  np.testing.assert_array_equal(rep, np.broadcast_to(replicated, (N_DEV, 3)))
+  np.testing.assert_allclose(loc, np.broadcast_to(local.mean(0), (N_DEV, 3)))
+  pmap_jaxpr = jax.make_jaxpr(pmapped)(replicated, local).jaxpr
+  assert _count_sums(pmap_jaxpr) == 3
