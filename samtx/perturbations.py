@@ -200,12 +200,11 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   # (local g and h) while a reused state is replicated: the carry takes the
   # union of both, and the body, which reads g from the carry, is typed
   # again with that g until nothing changes.
+  # The sets only grow and the mesh has finitely many axes, so this ends.
   varying = _union_of_varying(jax.eval_shape(body, grads),
                               jax.eval_shape(skip))
   typed_as = [_common.varying_axes(g) for g in jax.tree.leaves(grads)]
-  for _ in range(len(jax.tree.leaves(varying))):
-    if jax.tree.leaves(varying[0]) == typed_as:
-      break
+  while jax.tree.leaves(varying[0]) != typed_as:
     typed_as = jax.tree.leaves(varying[0])
     typed_g = jax.eval_shape(lambda: _vary_over(grads, varying[0]))
     varying = _union_of_varying(varying, jax.eval_shape(body, typed_g))

@@ -491,3 +491,27 @@ def test_shard_map_step_with_per_device_perturbations_matches_pmap(name,
     p2, s2, _ = shard_step(p2, s2, batch)
     np.testing.assert_allclose(np.asarray(p1[0]), np.asarray(p2), rtol=1e-5,
                                atol=1e-7)
+
+
+def test_looksam_update_is_forward_differentiable_and_says_why_not_reverse():
+  """The once-or-never loop supports jax.jvp, through a second-pass step
+  (grad_fn inside the loop) and a reusing step, checked against central
+  finite differences; jax.grad is refused with JAX's while_loop error, as
+  the docs say."""
+  _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
+  tx = samtx.looksam_perturbation(0.1, k=2)
+  grad = jax.grad(loss)
+  _, reusing = tx.update(grad(params), tx.init(params), params, grad_fn=grad)
+
+  for state in (tx.init(params), reusing):
+    def update_along(t, state=state):
+      p = jax.tree.map(lambda x: x * (1.0 + t), params)
+      out, _ = tx.update(grad(p), state, p, grad_fn=grad)
+      return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(out))
+
+    _, tangent = jax.jvp(update_along, (0.0,), (1.0,))
+    step = 1e-3
+    finite = (update_along(step) - update_along(-step)) / (2 * step)
+    np.testing.assert_allclose(tangent, finite, rtol=2e-3)
+    with pytest.raises(ValueError, match="Reverse-mode differentiation"):
+      jax.grad(update_along)(0.0)

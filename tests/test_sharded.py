@@ -48,6 +48,8 @@ def optimizers(**axes):
       "lightsam_I": samtx.lightsam(LR, RHO, **axes),
       "lightsam_II": samtx.lightsam(LR, RHO, variant="adagrad", **axes),
       "lightsam_III": samtx.lightsam(0.01, RHO, variant="adam", **axes),
+      # k=2: the three steps run second pass, reuse, second pass
+      "looksam": samtx.looksam(LR, RHO, k=2, momentum=0.9, **axes),
       # one pass: no perturbed gradient to average over a data axis
       "msam": samtx.msam(LR, RHO, momentum=0.9, **{
           k: v for k, v in axes.items() if k == "norm_axis_name"}),
@@ -191,7 +193,7 @@ def tensor_parallel_m_sharpness(params, batch, mesh):
   unsharded parameters (and, as a control, the global perturbation)."""
   out = {}
   replicated = {k: P() for k in TP}
-  for name in ("sam", "lightsam_I", "lightsam_III"):
+  for name in ("sam", "lightsam_I", "lightsam_III", "looksam"):
     runs = {
         "tp": (par.shard_map_step, tp_loss, TP, dict(m_sharpness=True),
                optimizers(axis_name="data", norm_axis_name="model")[name]),
@@ -431,7 +433,8 @@ def test_tensor_parallel_shard_map_equals_unsharded_run(tensor_parallel, name,
   assert "norm_axis_name" in str(tensor_parallel[f"control/{dtype}"])
 
 
-@pytest.mark.parametrize("name", ["sam", "lightsam_I", "lightsam_III"])
+@pytest.mark.parametrize("name", ["sam", "lightsam_I", "lightsam_III",
+                                  "looksam"])
 def test_tensor_parallel_with_m_sharpness_equals_jit_groups(tensor_parallel,
                                                            name):
   """TP blocks inside shard_map with per-data-shard perturbations equal

@@ -131,5 +131,5 @@ _sam_family("looksam", "LookSAM",
             note="k=5: the second gradient runs on every 5th step only, so a"
             " step costs 1 + 1/k = 1.2 gradients on average; the grads/step"
             " column counts gradient calls in the traced program, where"
-            " the second pass is traced twice (once to type its loop), so"
-            " it overstates LookSAM")
+            " the second pass is traced more than once (to type its"
+            " loop), so it overstates LookSAM")
