@@ -181,7 +181,7 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   out from its branch and the update reads it back, or, if the branch only
   passes ``g`` and the state through, copies them (XLA:CPU, jax 0.10): a
   reusing step then costs 1.08-1.10x the base optimizer's step, against
-  1.02-1.07x with the loop (``benchmarks/two_pass.py``). The reused output
+  1.02-1.06x with the loop (paired runs of ``benchmarks/two_pass.py``). The reused output
   is computed from the loop's outputs (on a reusing step, ``g`` and the old
   state), so nothing the loop carries is read again after it. With
   ``axis_name`` the reported perturbation norm is averaged over the axis,
