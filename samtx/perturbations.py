@@ -208,11 +208,13 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
     typed_as = jax.tree.leaves(varying[0])
     typed_g = jax.eval_shape(lambda: _vary_over(grads, varying[0]))
     varying = _union_of_varying(varying, jax.eval_shape(body, typed_g))
+  # The flag varies where the step count does (a per-device state).
+  run_body = jnp.asarray(take_second_pass)
+  done = _vary_over(jnp.zeros([], bool), _common.varying_axes(run_body))
   _, (output, norm, inner) = jax.lax.while_loop(
       lambda carry: carry[0],
-      lambda carry: (jnp.zeros([], bool),
-                     _vary_over(body(carry[1][0]), varying)),
-      (jnp.asarray(take_second_pass), _vary_over(skip(), varying)))
+      lambda carry: (done, _vary_over(body(carry[1][0]), varying)),
+      (run_body, _vary_over(skip(), varying)))
   coefficient, direction = reuse(output, inner, rho_t)
   return jax.tree.map(
       lambda out, d: jnp.where(
