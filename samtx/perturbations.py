@@ -181,11 +181,11 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   out from its branch and the update reads it back, or, if the branch only
   passes ``g`` and the state through, copies them (XLA:CPU, jax 0.10): a
   reusing step then costs 1.08-1.10x the base optimizer's step, against
-  1.02-1.06x with the loop (paired runs of ``benchmarks/two_pass.py``). The reused output
-  is computed from the loop's outputs (on a reusing step, ``g`` and the old
-  state), so nothing the loop carries is read again after it. With
-  ``axis_name`` the reported perturbation norm is averaged over the axis,
-  so that it is replicated like the rest of the state.
+  1.02-1.06x with the loop (paired runs of ``benchmarks/two_pass.py``). The
+  reused output is computed from the loop's outputs (on a reusing step,
+  ``g`` and the old state), so nothing the loop carries is read again after
+  it. With ``axis_name`` the reported perturbation norm is averaged over the
+  axis, so that it is replicated like the rest of the state.
   """
   def skip():
     return grads, state.perturbation_norm, state.inner
@@ -199,8 +199,8 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   # Inside shard_map the second pass's results vary over the data axis
   # (local g and h) while a reused state is replicated: the carry takes the
   # union of both, and the body, which reads g from the carry, is typed
-  # again with that g until nothing changes.
-  # The sets only grow and the mesh has finitely many axes, so this ends.
+  # again with that g until nothing changes (the sets only grow, and the
+  # mesh has finitely many axes).
   varying = _union_of_varying(jax.eval_shape(body, grads),
                               jax.eval_shape(skip))
   typed_as = [_common.varying_axes(g) for g in jax.tree.leaves(grads)]
