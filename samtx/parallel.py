@@ -244,11 +244,25 @@ def _perturbation_states(state) -> list:
   return [s for s in jax.tree.leaves(state, is_leaf=is_ps) if is_ps(s)]
 
 
-def _mean_inexact(tree, axis_name):
-  """``pmean``s the float leaves of ``tree``; integer leaves are left alone."""
-  return jax.tree.map(
-      lambda x: jax.lax.pmean(x, axis_name)
-      if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x, tree)
+def _mean_inexact(tree, axis_name, *, skip_replicated=False):
+  """``pmean``s the float leaves of ``tree``; integer leaves are left alone.
+
+  With ``skip_replicated``, leaves typed as replicated over the axis (inside
+  a vma-checked ``shard_map``) are the same on every device and are left
+  alone too; where nothing is typed (``pmap``, named ``vmap``), every float
+  leaf is averaged.
+  """
+  typed = skip_replicated and axis_name in _common.varying_axes(
+      jax.lax.axis_index(axis_name))
+
+  def mean(x):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      return x
+    if typed and axis_name not in _common.varying_axes(x):
+      return x
+    return jax.lax.pmean(x, axis_name)
+
+  return jax.tree.map(mean, tree)
 
 
 def _average_perturbation_state(state, axis_name):
@@ -263,17 +277,8 @@ def _average_perturbation_state(state, axis_name):
   reusing steps stay free of a parameter-sized all-reduce. Under ``pmap``
   and named ``vmap`` nothing is typed, and every float leaf is averaged.
   """
-  typed = axis_name in _common.varying_axes(jax.lax.axis_index(axis_name))
-
-  def average(x):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-      return x
-    if typed and axis_name not in _common.varying_axes(x):
-      return x
-    return jax.lax.pmean(x, axis_name)
-
   return jax.tree.map(
-      lambda s: jax.tree.map(average, s)
+      lambda s: _mean_inexact(s, axis_name, skip_replicated=True)
       if isinstance(s, PerturbationState) else s,
       state, is_leaf=lambda s: isinstance(s, PerturbationState))
 
