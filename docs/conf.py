@@ -31,7 +31,12 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "coverage_check",  # fails the build when a public name has no API entry
+    "offline_mathjax",  # copies MathJax into _static/: maths renders offline
 ]
+
+# MathJax 3 from the docs extra, served from the built site (offline_mathjax);
+# never a CDN (docs/ext/check_html.py fails the build on remote scripts).
+mathjax_path = "mathjax/tex-mml-chtml.js"
 
 # The notebooks are committed executed (notebooks/build_notebooks.py); the
 # build renders their stored outputs and never runs them.
@@ -55,7 +60,8 @@ napoleon_use_rtype = False
 
 html_theme = "furo"
 html_title = f"samtx {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["samtx.css"]
 html_theme_options = {"navigation_with_keys": True}
 
 # The notebooks live in notebooks/ (tests execute them there); copy them in

@@ -1,0 +1,111 @@
+"""The checks `make docs` runs on the built site, tested on small hand-made sites.
+
+`docs/ext/check_html.py` must catch what would make the site need a network
+(a CDN script, a remote stylesheet or font) and what would strand a reader (a
+link to a missing page or anchor), and pass a site that has neither. The real
+site is built and checked by `make docs` (CI); these tests take milliseconds.
+"""
+
+import pathlib
+import sys
+import tomllib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "docs" / "ext"))
+import check_html  # noqa: E402
+import offline_mathjax  # noqa: E402
+
+GOOD_INDEX = """<!doctype html><html><head>
+<link rel="stylesheet" href="_static/site.css">
+<script src="_static/mathjax/tex-mml-chtml.js"></script>
+<link rel="next" href="guide/page.html">
+</head><body>
+<a href="#top" id="top">top</a>
+<a href="guide/page.html#usage">usage</a>
+<a href="guide/">guide folder</a>
+<a href="https://arxiv.org/abs/2010.01412">a paper: not followed, not fetched</a>
+<a href="mailto:someone@example.org">mail</a>
+<img src="_images/plot.png" alt="plot">
+<script>var options = {"path": "_static/x.js"};</script>
+</body></html>"""
+
+GOOD_PAGE = """<html><body><section id="usage"><h1>Usage</h1>
+<a href="../index.html#top">home</a><a name="legacy-anchor"></a>
+<a href="%E2%9C%93.html">a quoted file name</a></section></body></html>"""
+
+
+def _site(tmp_path, index=GOOD_INDEX, css="body { color: black; }"):
+  (tmp_path / "_static" / "mathjax").mkdir(parents=True)
+  (tmp_path / "_static" / "site.css").write_text(css)
+  (tmp_path / "_static" / "mathjax" / "tex-mml-chtml.js").write_text("")
+  (tmp_path / "_images").mkdir()
+  (tmp_path / "_images" / "plot.png").write_bytes(b"")
+  (tmp_path / "guide").mkdir()
+  (tmp_path / "guide" / "page.html").write_text(GOOD_PAGE)
+  (tmp_path / "guide" / "index.html").write_text("<p>guides</p>")
+  (tmp_path / "guide" / "\u2713.html").write_text("<p>ok</p>")
+  (tmp_path / "index.html").write_text(index)
+  return tmp_path
+
+
+def test_a_self_contained_site_passes(tmp_path):
+  problems, pages, checked = check_html.check_site(_site(tmp_path))
+  assert problems == []
+  assert pages == 4
+  # index: 4 internal links (#top, page#usage, guide/, rel=next), 2 local
+  # resources (css, script) and an image; page: 2 links.
+  assert checked == 9
+
+
+@pytest.mark.parametrize("snippet, expected", [
+    ('<script src="https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js"></script>',
+     "<script> loads a remote resource: https://cdn.jsdelivr.net"),
+    ('<script src="//cdn.example.org/x.js"></script>', "<script> loads a remote resource"),
+    ('<link rel="stylesheet" href="https://fonts.example.org/a.css">',
+     "<link> loads a remote resource"),
+    ('<link rel="preload" href="http://example.org/font.woff2">',
+     "<link> loads a remote resource"),
+    ('<img src="https://img.shields.io/badge.svg">', "<img> loads a remote resource"),
+    ('<iframe src="https://example.org/embed"></iframe>', "<iframe> loads a remote resource"),
+    ('<script>require.config({paths: {a: "https://cdnjs.example.org/require.min.js"}})</script>',
+     "inline script/style loads https://cdnjs.example.org/require.min.js"),
+    ('<style>@import url("https://fonts.example.org/inter.css");</style>',
+     "inline script/style loads https://fonts.example.org/inter.css"),
+    ('<a href="guide/missing.html">gone</a>', "broken link guide/missing.html"),
+    ('<a href="guide/page.html#no-such-section">x</a>',
+     "broken anchor guide/page.html#no-such-section"),
+    ('<a href="#nowhere">x</a>', "broken anchor #nowhere"),
+    ('<script src="_static/missing.js"></script>', "broken link _static/missing.js"),
+    ('<img src="_images/missing.png">', "broken link _images/missing.png"),
+])
+def test_each_kind_of_problem_is_reported(tmp_path, snippet, expected):
+  index = GOOD_INDEX.replace("</body>", snippet + "</body>")
+  problems, _, _ = check_html.check_site(_site(tmp_path, index=index))
+  assert len(problems) == 1, problems
+  assert problems[0].startswith("index.html: " + expected), problems
+
+
+def test_a_stylesheet_with_a_remote_font_is_reported(tmp_path):
+  css = "@font-face { src: url('https://fonts.example.org/a.woff2'); }"
+  problems, _, _ = check_html.check_site(_site(tmp_path, css=css))
+  assert problems == ["_static/site.css: stylesheet loads a remote url()"]
+
+
+def test_the_command_line_fails_on_problems_and_passes_a_clean_site(tmp_path, capsys):
+  site = _site(tmp_path)
+  assert check_html.main([str(site)]) == 0
+  assert "4 pages, 9 internal links and resources, 0 problems" in capsys.readouterr().out
+  (site / "guide" / "page.html").unlink()
+  assert check_html.main([str(site)]) == 1
+  assert check_html.main([str(tmp_path / "not-built")]) == 2
+
+
+def test_the_docs_extra_installs_the_mathjax_the_build_copies():
+  extras = tomllib.loads((ROOT / "pyproject.toml").read_text())[
+      "project"]["optional-dependencies"]
+  names = [requirement.split(">")[0].split("=")[0] for requirement in extras["docs"]]
+  assert offline_mathjax.DISTRIBUTION in names
+  conf = (ROOT / "docs" / "conf.py").read_text()
+  assert f'mathjax_path = "{offline_mathjax.TARGET}/{offline_mathjax.COMPONENT}"' in conf
