@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -32,6 +31,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "coverage_check",  # fails the build when a public name has no API entry
     "offline_mathjax",  # copies MathJax into _static/: maths renders offline
+    "gallery",  # docs/examples/: every notebook and examples/ script, with cards
 ]
 
 # MathJax 3 from the docs extra, served from the built site (offline_mathjax);
@@ -63,12 +63,3 @@ html_title = f"samtx {release}"
 html_static_path = ["_static"]
 html_css_files = ["samtx.css"]
 html_theme_options = {"navigation_with_keys": True}
-
-# The notebooks live in notebooks/ (tests execute them there); copy them in
-# so the site renders the committed, executed copies under examples/.
-_EXAMPLES = DOCS / "examples"
-_EXAMPLES.mkdir(exist_ok=True)
-for _notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
-  _target = _EXAMPLES / _notebook.name
-  if not _target.exists() or _target.read_bytes() != _notebook.read_bytes():
-    shutil.copyfile(_notebook, _target)
