@@ -109,3 +109,22 @@ def test_the_docs_extra_installs_the_mathjax_the_build_copies():
   assert offline_mathjax.DISTRIBUTION in names
   conf = (ROOT / "docs" / "conf.py").read_text()
   assert f'mathjax_path = "{offline_mathjax.TARGET}/{offline_mathjax.COMPONENT}"' in conf
+
+
+def test_home_page_code_runs_and_fits(capsys):
+  text = (ROOT / "docs" / "index.md").read_text()
+  first_block = text.split("```python\n", 1)[1].split("```", 1)[0]
+  exec(compile(first_block, "index.md", "exec"), {})  # noqa: S102
+  printed = capsys.readouterr().out.strip().splitlines()[-1]
+  assert printed.startswith("loss ")
+  assert float(printed.split()[1]) < 1e-3, printed
+
+
+def test_every_guide_is_listed_once_in_the_guides_index():
+  index = (ROOT / "docs" / "guides" / "index.md").read_text()
+  toctree = index.split("```{toctree}", 1)[1].split("```", 1)[0]
+  listed = [line.strip() for line in toctree.splitlines()[2:] if line.strip()]
+  guides = sorted(p.stem for p in (ROOT / "docs" / "guides").glob("*.md") if p.stem != "index")
+  assert sorted(listed) == guides and len(set(listed)) == len(listed)
+  for name in listed:  # and each has its line in the tables above
+    assert index.count(f"{{doc}}`{name}`") == 1, name
