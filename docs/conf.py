@@ -33,6 +33,8 @@ extensions = [
     "coverage_check",  # fails the build when a public name has no API entry
     "offline_mathjax",  # copies MathJax into _static/: maths renders offline
     "gallery",  # docs/examples/: every notebook and examples/ script, with cards
+    "sphinx.ext.intersphinx",
+    "autolink_literals",  # inline code naming an API object links to its entry
 ]
 
 # MathJax 3 from the docs extra, served from the built site (offline_mathjax);
@@ -46,7 +48,7 @@ myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "ext"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "ext", "_inventories"]
 
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
@@ -56,8 +58,18 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-# No intersphinx: the build must work offline (CI reaches only package
-# registries), and a fetched inventory would make it depend on the network.
+# Links to jax, optax and flax names. The build must work offline (CI reaches
+# only package registries): intersphinx reads committed inventories
+# (docs/_inventories/, written by docs/ext/make_inventories.py from each
+# project's docs at a release tag) and never fetches one.
+intersphinx_mapping = {
+    name: (url, str(DOCS / "_inventories" / f"{name}.inv"))
+    for name, url in [
+        ("jax", "https://docs.jax.dev/en/latest/"),
+        ("optax", "https://optax.readthedocs.io/en/v0.2.8/"),
+        ("flax", "https://flax.readthedocs.io/en/v0.12.7/"),
+    ]
+}
 
 html_theme = "furo"
 html_title = f"samtx {release}"

@@ -128,3 +128,44 @@ def test_every_guide_is_listed_once_in_the_guides_index():
   assert sorted(listed) == guides and len(set(listed)) == len(listed)
   for name in listed:  # and each has its line in the tables above
     assert index.count(f"{{doc}}`{name}`") == 1, name
+
+
+def test_intersphinx_reads_committed_inventories_only():
+  """No inventory is fetched: every mapping points at a committed file that
+  holds the names the docs use most."""
+  import runpy
+  import zlib
+
+  conf = runpy.run_path(str(ROOT / "docs" / "conf.py"))
+  mapping = conf["intersphinx_mapping"]
+  assert set(mapping) == {"jax", "optax", "flax"}
+  expected = {"jax": ["jax.jit", "jax.shard_map", "jax.sharding.Mesh", "jax.lax.pmean"],
+              "optax": ["optax.chain", "optax.GradientTransformationExtraArgs",
+                        "optax.lookahead", "optax.MultiSteps"],
+              "flax": ["flax.nnx.Optimizer", "flax.training.train_state.TrainState"]}
+  for name, (url, inventory) in mapping.items():
+    assert url.startswith("https://") and url.endswith("/")
+    path = pathlib.Path(inventory)
+    assert path.is_file() and path.is_relative_to(ROOT / "docs" / "_inventories")
+    header, _, body = path.read_bytes().partition(b"zlib.\n")
+    assert header.startswith(b"# Sphinx inventory version 2")
+    names = {line.split()[0] for line in zlib.decompress(body).decode().splitlines()}
+    assert set(expected[name]) <= names, name
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("optax.chain", "optax.chain"),
+    ("optax.chain()", "optax.chain"),
+    ("samtx.unperturb", "samtx.unperturb"),
+    ("jnp.full_like", "jax.numpy.full_like"),
+    ("nnx.Optimizer", "flax.nnx.Optimizer"),
+    ("samtx.sam(0.1, rho=0.05)", None),  # a call, not a name
+    ("optax.chain(a, b)", None),
+    ("numpy.zeros", None),  # not a project the docs link to
+    ("grad_fn", None),
+    ("optax", None),
+])
+def test_inline_code_that_spells_a_name_is_linked(text, expected):
+  import autolink_literals
+
+  assert autolink_literals.target(text) == expected
