@@ -7,6 +7,7 @@ site is built and checked by `make docs` (CI); these tests take milliseconds.
 """
 
 import pathlib
+import re
 import sys
 import tomllib
 
@@ -169,3 +170,53 @@ def test_inline_code_that_spells_a_name_is_linked(text, expected):
   import autolink_literals
 
   assert autolink_literals.target(text) == expected
+
+
+def _accidental_lists(text):
+  """Lines where a wrapped sentence starts with "1." or "1)": Markdown reads
+  them as a numbered list that interrupts the paragraph (and drops the
+  list's number from the text)."""
+  found, fenced, previous = [], False, ""
+  for number, line in enumerate(text.splitlines(), 1):
+    if line.lstrip().startswith(("```", "~~~")):
+      fenced = not fenced
+    elif not fenced and re.match(r"^1[.)] ", line) and previous.strip() and not re.match(
+        r"^\s*([-*+]|\d+[.)])\s", previous) and not previous.startswith(("|", "#", "<")):
+      found.append((number, line))
+    previous = "" if fenced else line
+  return found
+
+
+def test_no_wrapped_sentence_turns_into_a_numbered_list():
+  assert _accidental_lists("so it costs\n1. The two\n") == [(2, "1. The two")]
+  assert _accidental_lists("Steps:\n\n1. first\n2. second\n") == []
+  problems = {str(page.relative_to(ROOT)): _accidental_lists(page.read_text())
+              for page in sorted((ROOT / "docs").rglob("*.md")) if "_build" not in page.parts}
+  assert {page: found for page, found in problems.items() if found} == {}
+
+
+def _numbers_and_words(text):
+  """Decimal numbers as floats, everything else (`nan` included) as words."""
+  number = r"[-+]?\d+\.\d+(?:e[-+]?\d+)?"
+  return [float(token) if re.fullmatch(number, token) else token
+          for token in re.findall(number + r"|[^\s\d]+|\d+", text)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["sam", "adasam", "lightsam", "msam"])
+def test_optimizer_page_example_prints_what_the_page_shows(page, capsys):
+  """The "Try it" code of an optimizer page runs, and prints the output the
+  page shows under it (numbers to 2%: another CPU may round differently)."""
+  text = (ROOT / "docs" / "optimizers" / f"{page}.md").read_text()
+  section = text.split("\n## Try it\n", 1)[1]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
+  shown = section.split("```text\n", 1)[1].split("```", 1)[0]
+  exec(compile(code, f"{page}.md", "exec"), {})  # noqa: S102
+  printed = capsys.readouterr().out
+  got, expected = _numbers_and_words(printed), _numbers_and_words(shown)
+  assert len(got) == len(expected), (printed, shown)
+  for a, b in zip(got, expected):
+    if isinstance(b, float):
+      assert isinstance(a, float) and abs(a - b) <= 0.02 * abs(b) + 0.002, (printed, shown)
+    else:
+      assert a == b, (printed, shown)
