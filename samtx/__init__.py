@@ -33,6 +33,10 @@ from samtx.perturbations import PerturbationState
 from samtx.perturbations import sam_perturbation
 from samtx.perturbations import wsam_perturbation
 from samtx.wrappers import lookahead
+# related work: GPA
+from samtx.gpa import eval_params
+from samtx.gpa import gpa
+from samtx.gpa import GPAState
 
 __version__ = "0.1.0"
 
@@ -86,4 +90,8 @@ __all__ = (
     # one-pass helpers
     "MSAMState",
     "unperturb",
+    # related work: GPA
+    "gpa",
+    "GPAState",
+    "eval_params",
 )
