@@ -186,13 +186,23 @@ def _check_memory(memory, who):
         f" samtx.saf_memory returns, got shape {getattr(memory, 'shape', None)}.")
 
 
-def saf_record(memory: jax.Array, indices, logits, epoch) -> jax.Array:
+def saf_record(memory: jax.Array, indices, logits, epoch, *,
+               targets=None) -> jax.Array:
   r"""Writes a batch's logits into SAF's memory, slot ``epoch % (lag + 1)``.
 
   ``memory.at[indices, epoch % (lag + 1)].set(stop_gradient(logits))``: a
   pure update, so under ``jax.jit`` with the memory donated it happens in
   place. The official code records the training forward's logits every step
   (the augmented view of the example that step saw).
+
+  **Pass the step's targets.** A step reads the targets (:func:`saf_targets`)
+  and writes the logits into the same array. XLA orders operations only by
+  data: when the written logits do not depend on the read (they come from the
+  forward pass; only the loss uses the targets), XLA cannot prove the read
+  happens first and copies the *whole* memory every step to keep it valid.
+  ``targets=`` makes the write depend on the read through an exact zero
+  (``isnan(sum(targets)) * 0``, 0 even for non-finite targets), and the
+  donated memory is updated in place.
 
   Args:
     memory: from :func:`saf_memory`.
@@ -202,13 +212,35 @@ def saf_record(memory: jax.Array, indices, logits, epoch) -> jax.Array:
       dtype; no gradient flows through).
     epoch: the current epoch (a Python int or an integer array; traced is
       fine).
+    targets: the :func:`saf_targets` output read from this ``memory`` in the
+      same step, if any (see above; the values are not used).
 
   Returns:
     The updated memory.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, samtx
+    >>> @jax.jit
+    ... def record(memory, indices, logits, epoch):
+    ...   targets = samtx.saf_targets(memory, indices, epoch)
+    ...   # ... the loss uses targets and logits ...
+    ...   return samtx.saf_record(memory, indices, logits, epoch,
+    ...                           targets=targets)
+    >>> memory = samtx.saf_memory(4, 2, lag=1)
+    >>> memory = record(memory, jnp.array([2]), jnp.array([[1.0, -1.0]]), 0)
+    >>> memory[2]
+    Array([[ 1., -1.],
+           [ 0.,  0.]], dtype=float32)
   """
   _check_memory(memory, "saf_record")
   slot = jnp.asarray(epoch) % memory.shape[1]
   logits = jax.lax.stop_gradient(jnp.asarray(logits))
+  if targets is not None:
+    # XLA folds neither isnan(.) nor x * 0 for floats: the zero stays a data
+    # dependence of the write on the read.
+    zero = jnp.isnan(jnp.sum(jax.lax.stop_gradient(targets))).astype(
+        logits.dtype) * 0
+    logits = logits + zero
   return memory.at[jnp.asarray(indices), slot].set(logits.astype(memory.dtype))
 
 
@@ -220,7 +252,8 @@ def saf_targets(memory: jax.Array, indices, epoch) -> jax.Array:
   never written and holds the initial zeros, whose softmax is the uniform
   distribution: start the trajectory loss at an epoch ``> lag`` (the paper
   starts at epoch 5 with ``lag=3``). Reading and recording in the same step
-  touch different slots, so their order does not matter.
+  touch different slots, so their order does not change the values; pass
+  the targets to :func:`saf_record` so that XLA updates the memory in place.
 
   Args:
     memory: from :func:`saf_memory`.

@@ -86,7 +86,11 @@ CASES = {
         learning_rate=0.05, rho=0.05, k=2, alpha=0.7), True),
     "looksam_momentum": Case(samtx.looksam, dict(
         learning_rate=0.02, rho=0.05, k=5, alpha=0.7, momentum=0.9), True),
-    # related work: wrappers (GPA's x and MESA's teacher need the params)
+    # Related work: the wrappers. Every generic property applies to them
+    # (convergence is checked at samtx.eval_params, GPA's x); the
+    # norm_axis_name check skips them because these factories take none
+    # (their bases' own checks run above). Both need params: GPA's x and
+    # MESA's teacher are built from them.
     "gpa_adam": Case(gpa_adam, dict(
         learning_rate=0.01, train_interp=0.7, eval_interp=0.9), False),
     "gpa_sam": Case(gpa_sam, dict(
