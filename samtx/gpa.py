@@ -212,12 +212,6 @@ def gpa(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _states_of(opt_state, state_type) -> list:
-  return [s for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda s: isinstance(s, state_type))
-          if isinstance(s, state_type)]
-
-
 def _evaluation_point(params, state: GPAState):
   """GPA's ``x = z + (y - z)/mu_y`` (leaves GPA does not own stay as held)."""
   def recover(z, y):
@@ -277,7 +271,7 @@ def eval_params(params, opt_state):
   """
   if isinstance(params, optax.LookaheadParams):
     return params.slow
-  states = _states_of(opt_state, GPAState)
+  states = _common.states_of(opt_state, GPAState)
   if len(states) > 1:
     raise ValueError(
         f"eval_params: opt_state holds {len(states)} GPA states; apply"

@@ -410,9 +410,7 @@ def ema_params(opt_state):
     >>> samtx.ema_params(opt.init({"w": jnp.ones(2)}))
     {'w': Array([1., 1.], dtype=float32)}
   """
-  states = [s for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda s: isinstance(s, MESAState))
-            if isinstance(s, MESAState)]
+  states = _common.states_of(opt_state, MESAState)
   if len(states) != 1:
     raise ValueError(
         f"ema_params: opt_state must hold exactly one samtx.mesa state, found"
