@@ -186,10 +186,12 @@ def test_three_sequences_around_adamw_match_numpy(dtype, interps, schedule):
   ys, xs, zs, _ = _run(opt, loss, params, steps)
   want = _numpy_gpa(problem, steps, _numpy_adamw(lr_at),
                     lambda t: train_interp, eval_interp)
+  # float32 against the float64 reference: Adam's m/sqrt(v) amplifies the
+  # rounding of coordinates whose gradient is near zero (up to ~1e-4 here).
   tolerance = (helpers.tolerances(dtype) if dtype == jnp.float64
                else {"rtol": 2e-4, "atol": 2e-5})
   for got_seq, want_seq in zip((ys, xs, zs), want):
-    for t in (0, 1, 9, 99, steps - 1):
+    for t in range(steps):
       for g, w in zip(helpers.leaves(got_seq[t]), want_seq[t]):
         np.testing.assert_allclose(g, w, err_msg=f"step {t}", **tolerance)
   # The runs moved: y, x and z differ from each other and from the start.
