@@ -9,7 +9,29 @@ optimizer converges on the small targets of ``test_common_suite.py``.
 import dataclasses
 from typing import Any, Callable, Dict
 
+import optax
+
 import samtx
+
+
+# Wrappers around a base optimizer, as factories of the base's learning rate
+# (so the schedule and inject_hyperparams checks reach every number).
+def gpa_adam(learning_rate, train_interp, eval_interp):
+  return samtx.gpa(optax.adam(learning_rate), train_interp=train_interp,
+                   eval_interp=eval_interp)
+
+
+def gpa_sam(learning_rate, rho, train_interp, eval_interp):
+  return samtx.gpa(samtx.sam(learning_rate, rho=rho),
+                   train_interp=train_interp, eval_interp=eval_interp)
+
+
+def mesa_sgd(learning_rate, momentum, decay):
+  return samtx.mesa(optax.sgd(learning_rate, momentum=momentum), decay=decay)
+
+
+def mesa_sam(learning_rate, rho, decay):
+  return samtx.mesa(samtx.sam(learning_rate, rho=rho), decay=decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +86,20 @@ CASES = {
         learning_rate=0.05, rho=0.05, k=2, alpha=0.7), True),
     "looksam_momentum": Case(samtx.looksam, dict(
         learning_rate=0.02, rho=0.05, k=5, alpha=0.7, momentum=0.9), True),
+    # Related work: the wrappers. Every generic property applies to them
+    # (convergence is checked at samtx.eval_params, GPA's x); the
+    # norm_axis_name check skips them because these factories take none
+    # (their bases' own checks run above). Both need params: GPA's x and
+    # MESA's teacher are built from them.
+    "gpa_adam": Case(gpa_adam, dict(
+        learning_rate=0.01, train_interp=0.7, eval_interp=0.9), False),
+    "gpa_sam": Case(gpa_sam, dict(
+        learning_rate=0.05, rho=0.05, train_interp=0.7, eval_interp=0.9), True),
+    "mesa_sgd": Case(mesa_sgd, dict(
+        learning_rate=0.02, momentum=0.9, decay=0.7), False),
+    "mesa_sam": Case(mesa_sam, dict(learning_rate=0.05, rho=0.05, decay=0.7),
+                     True),
 }
 
 NEEDS_PARAMS = {name for name, case in CASES.items() if case.two_pass} | {
-    "msam_adamw"}
+    "msam_adamw", "gpa_adam", "mesa_sgd"}

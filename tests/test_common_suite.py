@@ -105,7 +105,7 @@ def test_converges(name, target):
                         length=3000)[0]
 
   params, state = run(params, opt.init(params))
-  got = samtx.unperturb(params, state)
+  got = samtx.eval_params(params, state)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=3e-2,
                                rtol=3e-2)

@@ -405,6 +405,59 @@ def lookahead_run(alias):
   return iterate(step, (PARAMS, PARAMS, opt.init(PARAMS)), lambda c: c[1])
 
 
+GPA_TRAIN, GPA_EVAL = 0.7, 0.6   # samtx.gpa (fast averaging: 8 steps)
+MESA_DECAY = 0.7                 # samtx.mesa
+
+
+@functools.cache
+def _shifted_update(alias: Alias):
+  """The bare alias's update with grad_fn evaluated at q + offset."""
+  opt = alias.build()
+
+  @jax.jit
+  def update(grads, state, params, offset, i):
+    return opt.update(grads, state, params, grad_fn=lambda q: grad_fn_for(i)(
+        tree_add(q, offset)))
+
+  return opt, update
+
+
+def gpa_run(alias):
+  """GPA written out, the three sequences stored: the gradient at y, the
+  alias steps z (its perturbation taken around y: grad_fn shifted by y - z),
+  x the EMA of z, y between them. Evaluated at x, with an MSAM alias's
+  current perturbation removed (samtx.eval_params' rule)."""
+  opt, update = _shifted_update(alias)
+
+  def step(carry, i):
+    x, y, z, s = carry
+    offset = jax.tree.map(jnp.subtract, y, z)
+    u, s = update(grad_fn_for(i)(y), s, z, offset, i)
+    z = tree_add(z, u)
+    x = jax.tree.map(lambda a, b: GPA_EVAL * a + (1 - GPA_EVAL) * b, x, z)
+    y = jax.tree.map(lambda a, b: GPA_TRAIN * a + (1 - GPA_TRAIN) * b, x, z)
+    return x, y, z, s
+
+  return iterate(step, (PARAMS, PARAMS, PARAMS, opt.init(PARAMS)),
+                 lambda c: samtx.unperturb(c[0], c[3]))
+
+
+def mesa_run(alias):
+  """The alias alone; the teacher is the EMA of the weights it holds after
+  each step (perturbed ones for MSAM), from the initial weights."""
+  opt, update = alias_update(alias)
+
+  def step(carry, i):
+    x, s, ema = carry
+    u, s = update(grad_fn_for(i)(x), s, x, i)
+    x = tree_add(x, u)
+    ema = jax.tree.map(lambda e, a: MESA_DECAY * e + (1 - MESA_DECAY) * a,
+                       ema, x)
+    return x, s, ema
+
+  return iterate(step, (PARAMS, opt.init(PARAMS), PARAMS), lambda c: c[2])
+
+
 def two_pass_raises(exception, message):
   return lambda alias: (exception, message) if kind(alias) == "two_pass" else None
 
@@ -458,6 +511,15 @@ WRAPPERS = {
         wrap=optax.LookaheadParams.init_synced,
         point=lambda params: params.fast,
         evaluate=lambda params, state: params.slow),
+    # Related work: the wrappers hold what the reference writes out.
+    "samtx.gpa": Cell(
+        build=lambda a: samtx.gpa(a.build(), train_interp=GPA_TRAIN,
+                                  eval_interp=GPA_EVAL),
+        reference=gpa_run, evaluate=samtx.eval_params),
+    "samtx.mesa": Cell(
+        build=lambda a: samtx.mesa(a.build(), decay=MESA_DECAY),
+        reference=mesa_run,
+        evaluate=lambda params, state: samtx.ema_params(state)),
     # optax.lookahead's update takes no extra arguments at all.
     "optax.lookahead": Cell(
         build=lambda a: optax.lookahead(a.build(), SYNC, SLOW_STEP),
