@@ -33,6 +33,10 @@ from samtx.perturbations import PerturbationState
 from samtx.perturbations import sam_perturbation
 from samtx.perturbations import wsam_perturbation
 from samtx.wrappers import lookahead
+# FGSAM, RAPP (issue 22)
+from samtx.aliases import fgsam
+from samtx.perturbations import fgsam_perturbation
+from samtx.wrappers import rapp
 
 __version__ = "0.1.0"
 
@@ -86,4 +90,8 @@ __all__ = (
     # one-pass helpers
     "MSAMState",
     "unperturb",
+    # FGSAM, RAPP (issue 22)
+    "fgsam_perturbation",
+    "fgsam",
+    "rapp",
 )

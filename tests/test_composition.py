@@ -99,12 +99,15 @@ def hand_clip(tree):
 # ---------------------------------------------------------------- the columns
 VARIANTS = {
     "sam": [("sam", {}), ("sam_momentum", {"momentum": 0.9}),
-            ("asam", {"adaptive": True, "eta": 0.01})],
+            ("asam", {"adaptive": True, "eta": 0.01}),
+            ("sam_unnormalized", {"normalize": False})],
     "lightsam": [("lightsam_I", {"variant": "adagrad_norm"}),
                  ("lightsam_II", {"variant": "adagrad"}),
                  ("lightsam_III", {"variant": "adam"})],
     "sam_perturbation": [("sam_perturbation", {}),
-                         ("asam_perturbation", {"adaptive": True, "eta": 0.01})],
+                         ("asam_perturbation", {"adaptive": True, "eta": 0.01}),
+                         ("sam_perturbation_unnormalized",
+                          {"normalize": False})],
     # gamma = 0.9 puts -8 g + 9 h in the step: with a clipped g (and this
     # lr) the run diverges, in the reference as much as in the pipeline.
     "wsam": [("wsam", {"gamma": 0.7})],
@@ -405,6 +408,29 @@ def lookahead_run(alias):
   return iterate(step, (PARAMS, PARAMS, opt.init(PARAMS)), lambda c: c[1])
 
 
+def rapp_run(alias):
+  """RAPP written out: each inner step applies the alias's clean step from
+  the anchor (the slow weights); the held fast weights sit below the clean
+  ones by the alias's perturbation (MSAM); syncs as in Lookahead."""
+  opt, update = alias_update(alias)
+
+  def step(carry, i):
+    fast, slow, s = carry
+    clean_before = samtx.unperturb(fast, s)
+    u, s = update(grad_fn_for(i)(fast), s, fast, i)
+    moved = tree_add(fast, u)
+    moved_clean = samtx.unperturb(moved, s)
+    clean = jax.tree.map(lambda z, a, b: z + (a - b), slow, moved_clean,
+                         clean_before)
+    fast = jax.tree.map(lambda c, a, b: c - (a - b), clean, moved_clean, moved)
+    if (i + 1) % SYNC == 0:
+      slow = jax.tree.map(lambda a, b: a + SLOW_STEP * (b - a), slow, clean)
+      fast = jax.tree.map(lambda a, c, f: a - (c - f), slow, clean, fast)
+    return fast, slow, s
+
+  return iterate(step, (PARAMS, PARAMS, opt.init(PARAMS)), lambda c: c[1])
+
+
 def two_pass_raises(exception, message):
   return lambda alias: (exception, message) if kind(alias) == "two_pass" else None
 
@@ -455,6 +481,12 @@ WRAPPERS = {
     "samtx.lookahead": Cell(
         build=lambda a: samtx.lookahead(a.build(), SYNC, SLOW_STEP),
         reference=lookahead_run,
+        wrap=optax.LookaheadParams.init_synced,
+        point=lambda params: params.fast,
+        evaluate=lambda params, state: params.slow),
+    "samtx.rapp": Cell(
+        build=lambda a: samtx.rapp(a.build(), SYNC, SLOW_STEP),
+        reference=rapp_run,
         wrap=optax.LookaheadParams.init_synced,
         point=lambda params: params.fast,
         evaluate=lambda params, state: params.slow),
