@@ -35,7 +35,9 @@ from samtx.perturbations import wsam_perturbation
 from samtx.wrappers import lookahead
 # FGSAM, RAPP (issue 22)
 from samtx.aliases import fgsam
+from samtx.aliases import fgsam_plus
 from samtx.perturbations import fgsam_perturbation
+from samtx.perturbations import fgsam_plus_perturbation
 from samtx.wrappers import rapp
 
 __version__ = "0.1.0"
@@ -92,6 +94,8 @@ __all__ = (
     "unperturb",
     # FGSAM, RAPP (issue 22)
     "fgsam_perturbation",
+    "fgsam_plus_perturbation",
     "fgsam",
+    "fgsam_plus",
     "rapp",
 )

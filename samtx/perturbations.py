@@ -34,6 +34,7 @@ __all__ = [
     "FriendlySAMState",
     "LookSAMState",
     "fgsam_perturbation",
+    "fgsam_plus_perturbation",
 ]
 
 
@@ -945,3 +946,159 @@ def fgsam_perturbation(
 
   return _two_pass(who, rho, axis_name, lambda params: optax.EmptyState(),
                    ascent, norm_axis_name, combine=combine)
+
+
+def _gradient_of(fn, params, like, who: str, name: str):
+  """``fn(params)``, checked to be a gradient tree like ``like``, cast to it."""
+  if fn is None:
+    raise TypeError(
+        f"{who}.update needs the keyword-only argument {name}: a function"
+        " params -> grads of the graph network's loss, e.g. update(grads,"
+        f" state, params, grad_fn=peer_grad, {name}=graph_grad).")
+  if not callable(fn):
+    raise TypeError(f"{who}: {name} must be callable, got {fn!r}.")
+  out = fn(params)
+  expected: Any = jax.tree.structure(like)
+  got = jax.tree.structure(out)
+  if got != expected:
+    raise TypeError(
+        f"{who}: {name} must return a tree with the structure of params;"
+        f" expected {expected}, got {got}.")
+  return _common.cast_like(out, like)
+
+
+def fgsam_plus_perturbation(
+    rho,
+    *,
+    k: int = 2,
+    alpha: float = 0.7,
+    lam: float = 0.5,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""FGSAM+: FGSAM every ``k``-th step, the peer MLP alone in between.
+
+  The gradient passed to ``update`` is the peer MLP's, :math:`m = \nabla
+  L_X(x)` (message passing off: cheap), on *every* step; the graph network's
+  gradient comes from the keyword-only ``graph_grad_fn``, which only the
+  FGSAM steps call. On steps with ``count % k == 0``, with
+  :math:`g_G` = ``graph_grad_fn(x)`` and :math:`h` = ``grad_fn(x + e)``:
+
+  .. math::
+    e = \rho\,\frac{g_G}{n(g_G) + \epsilon},\quad
+    g_s = \lambda h + (1-\lambda)\, g_G,\quad
+    g_v = g_s - n(g_s)\cos(m, g_s)\,\frac{m}{n(m) + \epsilon},\quad
+    \text{output} = g_s,
+
+  storing :math:`g_v`, the part of FGSAM's gradient orthogonal to the MLP's
+  (the graph topology and the sharpness that the MLP gradient misses). On
+  the other steps neither ``graph_grad_fn`` nor ``grad_fn`` is evaluated
+  (LookSAM's loop, see :func:`looksam_perturbation`):
+
+  .. math::
+    \text{output} = m + \alpha\,\frac{n(m)}{n(g_v) + \epsilon}\, g_v .
+
+  So ``k - 1`` steps in ``k`` cost one MLP gradient, and the FGSAM step one
+  graph-network gradient and two MLP gradients: FGSAM+ can be cheaper per
+  step than the base optimizer on the graph network. Norms are global
+  (samtx's LookSAM convention); the official code uses per-tensor norms.
+  ``rho = 0`` reproduces the base optimizer on the given (MLP) gradient
+  exactly (``g_v`` is then 0). State: one parameter-sized buffer ``g_v`` and
+  its norm (:class:`LookSAMState`).
+
+  Args:
+    rho: radius ``>= 0``, a float or an optax schedule of the step count
+      (the official code's FGSAM+ default is 0.1).
+    k: an FGSAM step every ``k`` steps, an int ``>= 1`` (``k=1``: FGSAM on
+      every step, with the MLP gradient only used to build ``g_v``).
+    alpha: ``>= 0``, the weight of the reused direction.
+    lam: weight of the peer gradient at the perturbed point, in ``[0, 1]``.
+    eps: ``> 0``, keeps a zero gradient finite.
+    axis_name: as in :func:`looksam_perturbation`.
+    norm_axis_name: as in :func:`sam_perturbation`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
+    peer MLP's gradient and needs the keyword-only ``grad_fn`` (the peer
+    MLP's gradient function) and ``graph_grad_fn`` (the graph network's).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> graph_loss = lambda p: jnp.sum(p ** 2) + p[0] * p[1]
+    >>> peer_loss = lambda p: jnp.sum(p ** 2)
+    >>> mlp, graph = jax.grad(peer_loss), jax.grad(graph_loss)
+    >>> tx = samtx.fgsam_plus_perturbation(0.1, k=2, alpha=1.0, lam=0.5)
+    >>> params = jnp.array([1.0, 2.0])
+    >>> state = tx.init(params)
+    >>> out, state = tx.update(mlp(params), state, params, grad_fn=mlp,
+    ...                        graph_grad_fn=graph)
+    >>> [round(float(v), 4) for v in state.inner.g_v]  # orthogonal to m
+    [0.6187, -0.3094]
+    >>> out, state = tx.update(mlp(params), state, params, grad_fn=mlp,
+    ...                        graph_grad_fn=graph)
+    >>> out.round(4)  # m + n(m) g_v / n(g_v), m = (2, 4): no graph gradient
+    Array([6., 2.], dtype=float32)
+
+  References:
+    Luo et al., 2024, Fast graph sharpness-aware minimization for enhancing
+    and accelerating few-shot node classification, NeurIPS 2024,
+    https://arxiv.org/abs/2410.16845
+  """
+  who = "fgsam_plus_perturbation"
+  _check_positive_int("k", k, who)
+  _check_family_args(who, eps=eps, axis_name=axis_name,
+                     norm_axis_name=norm_axis_name, alpha=(alpha, None))
+  _common.check_scalar("lam", lam, low=0.0, high=1.0, who=who)
+  sam_ascent = _sam_ascent(adaptive=False, eta=0.0, eps=eps,
+                           norm_axis_name=norm_axis_name)
+
+  def init_inner(params):
+    return LookSAMState(
+        g_v=_common.full_like_stat(params, 0.0),
+        g_v_norm=jnp.zeros([], _common.tree_stat_dtype(params)))
+
+  def reuse(grads, inner, rho_t):
+    del rho_t
+    m = _common.to_stat(grads)
+    m_norm = _common.global_norm(m, inner.g_v_norm.dtype, norm_axis_name)
+    return alpha * m_norm / (inner.g_v_norm + eps), inner.g_v
+
+  def transform(graph_grad_fn):
+    """The rule with this step's ``graph_grad_fn`` (an extra argument, so
+    the rules are built per call, as optax.inject_hyperparams builds its
+    inner transform)."""
+    def ascent(grads, inner, params, rho_t, count):
+      g_graph = _common.to_stat(_gradient_of(graph_grad_fn, params, grads,
+                                             who, "graph_grad_fn"))
+      perturbation, norm, _ = sam_ascent(g_graph, inner, params, rho_t, count)
+      # combine() needs g_G too: it rides in the g_v slot, which combine
+      # overwrites with the real g_v.
+      return perturbation, norm, inner._replace(g_v=g_graph)
+
+    def combine(grads, perturbed, inner, rho_t):
+      m, g_graph = _common.to_stat(grads), inner.g_v
+      h = _common.to_stat(perturbed)
+      keep = _only_when_perturbed(rho_t, jnp.ones([], inner.g_v_norm.dtype))
+      g_s = jax.tree.map(
+          lambda mx, gx, hx: jnp.where(keep > 0, lam * hx + (1 - lam) * gx,
+                                       mx), m, g_graph, h)
+      m_norm, s_norm, cos = _norms_and_cosine(m, g_s, eps, norm_axis_name)
+      along_m = keep * s_norm * cos / (m_norm + eps)
+      g_v = jax.tree.map(lambda sx, mx: keep * sx - along_m * mx, g_s, m)
+      if axis_name is not None:
+        g_v = jax.lax.pmean(g_v, axis_name)
+      return g_s, LookSAMState(
+          g_v=g_v, g_v_norm=_common.global_norm(g_v, m_norm.dtype,
+                                                norm_axis_name))
+
+    return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
+                     combine=combine, reuse=reuse, every=k)
+
+  def update_fn(updates, state, params=None, *, grad_fn=None,
+                graph_grad_fn=None, **extra_args):
+    return transform(graph_grad_fn).update(updates, state, params,
+                                           grad_fn=grad_fn, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(transform(None).init,
+                                               update_fn)

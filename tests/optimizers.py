@@ -75,6 +75,9 @@ CASES = {
                   True),
     "fgsam_weight_decay": Case(samtx.fgsam, dict(
         learning_rate=0.01, rho=0.05, lam=0.7, weight_decay=5e-4), True),
+    # graph_grad_fn, the suite's loss too, comes with every update.
+    "fgsam_plus": Case(samtx.fgsam_plus, dict(
+        learning_rate=0.01, rho=0.05, k=2, alpha=0.1, lam=0.3), True),
 }
 
 NEEDS_PARAMS = {name for name, case in CASES.items() if case.two_pass} | {

@@ -219,3 +219,152 @@ def test_missing_grad_fn_is_a_clear_error():
   opt = samtx.fgsam(LR)
   with pytest.raises(TypeError, match="grad_fn"):
     opt.update(jax.grad(graph_loss)(params), opt.init(params), params)
+
+
+# --------------------------------------------------------------------- FGSAM+
+def fgsam_plus_adam(graph, peer, steps, *, lr, rho, lam, k, alpha,
+                    weight_decay, eps_rule=1e-12, b1=0.9, b2=0.999,
+                    eps=1e-8):
+  """FGSAM+ (global norms, the samtx convention) then torch's Adam, from the
+  equations: every k-th step g_G, e, h at x + e, g_s = lam h + (1-lam) g_G
+  and g_v = g_s minus its projection on the MLP gradient m; in between
+  m + alpha n(m)/(n(g_v) + eps) g_v."""
+  xs = [np.array(x, np.float64) for x in graph.x0]
+  m1 = [np.zeros_like(x) for x in xs]
+  m2 = [np.zeros_like(x) for x in xs]
+  g_v = [np.zeros_like(x) for x in xs]
+  trajectory = []
+  for t in range(steps):
+    m = peer.grad(xs)
+    if t % k == 0:
+      g_graph = graph.grad(xs)
+      scale = rho / (reference.norm(g_graph) + eps_rule)
+      h = peer.grad([x + scale * g for x, g in zip(xs, g_graph)])
+      out = [lam * hi + (1 - lam) * gi for hi, gi in zip(h, g_graph)]
+      n_m, n_s = reference.norm(m), reference.norm(out)
+      cos = reference.dot(m, out) / (n_m * n_s + eps_rule)
+      g_v = [s - n_s * cos * mi / (n_m + eps_rule) for s, mi in zip(out, m)]
+    else:
+      coef = alpha * reference.norm(m) / (reference.norm(g_v) + eps_rule)
+      out = [mi + coef * v for mi, v in zip(m, g_v)]
+    grads = [o + weight_decay * x for o, x in zip(out, xs)]
+    m1 = [b1 * a + (1 - b1) * g for a, g in zip(m1, grads)]
+    m2 = [b2 * a + (1 - b2) * g * g for a, g in zip(m2, grads)]
+    step = lr / (1 - b1 ** (t + 1))
+    xs = [x - step * a / (np.sqrt(c) / np.sqrt(1 - b2 ** (t + 1)) + eps)
+          for x, a, c in zip(xs, m1, m2)]
+    trajectory.append(xs)
+  return trajectory
+
+
+def _run_plus(opt, graph_loss, peer_loss, params, steps, graph_grad_fn=None):
+  peer_grad = jax.grad(peer_loss)
+  graph_grad_fn = graph_grad_fn or jax.grad(graph_loss)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = opt.update(peer_grad(params), state, params,
+                                grad_fn=peer_grad, graph_grad_fn=graph_grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  trajectory = []
+  for _ in range(steps):
+    params, state = step(params, state)
+    trajectory.append(params)
+  return trajectory, state
+
+
+@pytest.mark.parametrize("k,alpha,weight_decay", [(2, 0.7, 5e-4),
+                                                  (3, 0.2, 0.0)])
+def test_fgsam_plus_matches_reference(dtype, k, alpha, weight_decay):
+  graph, graph_loss, peer, peer_loss, params = _two_losses(dtype)
+  opt = samtx.fgsam_plus(LR, RHO, k=k, alpha=alpha, lam=LAM,
+                         weight_decay=weight_decay)
+  got, _ = _run_plus(opt, graph_loss, peer_loss, params, STEPS)
+  want = fgsam_plus_adam(graph, peer, STEPS, lr=LR, rho=RHO, lam=LAM, k=k,
+                         alpha=alpha, weight_decay=weight_decay)
+  helpers.assert_close_to_reference(got, want, dtype)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_fgsam_plus_runs_the_graph_network_once_per_k_steps(k):
+  """Under jit, graph_grad_fn and grad_fn run on FGSAM steps only (twice
+  grad_fn's loss there: m is passed in, h is evaluated); the steps in
+  between are one MLP gradient."""
+  _, graph_loss, _, peer_loss, params = _two_losses(jnp.float32)
+  graph_calls, peer_calls = [], []
+
+  def counted(loss, calls):
+    grad = jax.grad(loss)
+
+    def fn(p):
+      jax.debug.callback(lambda: calls.append(1))
+      return grad(p)
+    return fn
+
+  opt = samtx.fgsam_plus(LR, RHO, k=k)
+  peer_grad, graph_grad = (counted(peer_loss, peer_calls),
+                           counted(graph_loss, graph_calls))
+
+  @jax.jit
+  def step(p, s):
+    u, s = opt.update(jax.grad(peer_loss)(p), s, p, grad_fn=peer_grad,
+                      graph_grad_fn=graph_grad)
+    return optax.apply_updates(p, u), s
+
+  p, s = params, opt.init(params)
+  for n in range(1, 3 * k + 1):
+    p, s = step(p, s)
+    jax.effects_barrier()
+    assert len(graph_calls) == len(peer_calls) == -(-n // k), n
+
+
+def test_fgsam_plus_rho_zero_is_adam_on_the_mlp_gradient_bit_for_bit():
+  _, graph_loss, _, peer_loss, params = _two_losses(jnp.float32)
+  got, state = _run_plus(samtx.fgsam_plus(LR, 0.0, k=2), graph_loss,
+                         peer_loss, params, STEPS)
+  want, _ = helpers.run(optax.adam(LR), peer_loss, params, STEPS)
+  for g, w in zip(got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      np.testing.assert_array_equal(a, b)
+  g_v = state[0].inner.g_v
+  assert all(bool(jnp.all(v == 0)) for v in jax.tree.leaves(g_v))
+
+
+def test_fgsam_plus_zero_gradients_are_finite():
+  _, _, _, _, params = _two_losses(jnp.float32)
+  zero_grad = lambda p: jax.tree.map(jnp.zeros_like, p)
+  opt = samtx.fgsam_plus(LR, RHO, k=2)
+  state = opt.init(params)
+  for _ in range(3):
+    updates, state = opt.update(zero_grad(params), state, params,
+                                grad_fn=zero_grad, graph_grad_fn=zero_grad)
+    for u in jax.tree.leaves(updates):
+      np.testing.assert_array_equal(u, 0.0)
+
+
+def test_fgsam_plus_needs_graph_grad_fn_with_a_clear_error():
+  _, _, _, peer_loss, params = _two_losses(jnp.float32)
+  opt = samtx.fgsam_plus(LR)
+  with pytest.raises(TypeError, match="graph_grad_fn"):
+    opt.update(jax.grad(peer_loss)(params), opt.init(params), params,
+               grad_fn=jax.grad(peer_loss))
+  with pytest.raises(TypeError, match="structure of params"):
+    opt.update(jax.grad(peer_loss)(params), opt.init(params), params,
+               grad_fn=jax.grad(peer_loss), graph_grad_fn=lambda p: [1.0])
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: samtx.fgsam_plus_perturbation(0.1, k=0), ValueError, "k"),
+    (lambda: samtx.fgsam_plus_perturbation(0.1, k=1.5), TypeError, "k"),
+    (lambda: samtx.fgsam_plus_perturbation(0.1, alpha=-1.0), ValueError,
+     "alpha"),
+    (lambda: samtx.fgsam_plus_perturbation(0.1, lam=1.2), ValueError, "lam"),
+    (lambda: samtx.fgsam_plus(0.01, weight_decay=-1.0), ValueError,
+     "weight_decay"),
+])
+def test_fgsam_plus_bad_arguments_are_one_line_errors(make, error, message):
+  with pytest.raises(error, match=message) as info:
+    make()
+  assert "\n" not in str(info.value)
