@@ -1,4 +1,4 @@
-"""FGSAM on a graph: a 2-layer GCN and its peer MLP, Adam vs SAM vs FGSAM.
+"""FGSAM on a graph: a 2-layer GCN and its peer MLP; Adam, SAM, FGSAM, FGSAM+.
 
 A contextual stochastic block model (CSBM) is generated here, no download:
 ``classes`` communities, an edge between two nodes with probability
@@ -14,6 +14,9 @@ labelled nodes only, so its pass costs a small fraction of the GCN's.
 FGSAM (``samtx.fgsam``) takes the GCN's gradient ``g``, perturbs the weights
 along it, and evaluates the peer MLP's gradient there (``grad_fn``):
 ``lam h + (1 - lam) g`` goes to Adam. SAM takes both gradients from the GCN.
+FGSAM+ (``samtx.fgsam_plus``) runs the GCN only every ``k``-th step (an
+FGSAM step) and the peer MLP alone in between, adding back the stored part
+of FGSAM's gradient that is orthogonal to the MLP's.
 
 Printed: test accuracy (mean +- std over seeds) of each optimizer, the time
 per step of each (compiled apart, warmed up, interleaved repeats, medians)
@@ -53,6 +56,8 @@ HIDDEN = 16
 # The official code's defaults (Adam lr 0.005, weight decay 5e-4 coupled as
 # in torch.optim.Adam, rho 0.05, lam 0.5), with lr 0.01 for the shorter runs.
 LR, WEIGHT_DECAY, RHO, LAM = 0.01, 5e-4, 0.05, 0.5
+# FGSAM+: the official code's k, alpha and rho.
+PLUS_K, PLUS_ALPHA, PLUS_RHO = 2, 0.7, 0.1
 
 
 # ---------------------------------------------------------------- the graph
@@ -140,34 +145,52 @@ def accuracy(params, graph):
 
 # ------------------------------------------------------------ the optimizers
 def optimizers():
-  """Adam, SAM and FGSAM on the same Adam with the same coupled decay."""
+  """Adam, SAM, FGSAM and FGSAM+ on the same Adam with the same coupled
+  decay; each with the kind of step it needs (see :func:`make_step`)."""
   def adam_with_decay(first):
     return optax.chain(first, optax.add_decayed_weights(WEIGHT_DECAY),
                        optax.scale_by_adam(), optax.scale_by_learning_rate(LR))
   return {
-      "adam": (adam_with_decay(optax.identity()), None),
-      "sam": (adam_with_decay(samtx.sam_perturbation(RHO)), gcn_loss),
+      "adam": (adam_with_decay(optax.identity()), "gcn"),
+      "sam": (adam_with_decay(samtx.sam_perturbation(RHO)), "gcn+gcn"),
       "fgsam": (samtx.fgsam(LR, RHO, lam=LAM, weight_decay=WEIGHT_DECAY),
-                mlp_loss),
+                "gcn+mlp"),
+      "fgsam+": (samtx.fgsam_plus(LR, PLUS_RHO, k=PLUS_K, alpha=PLUS_ALPHA,
+                                  lam=LAM, weight_decay=WEIGHT_DECAY),
+                 "mlp, gcn every k"),
   }
 
 
-def make_step(opt, peer_loss):
-  """One training step: the GCN's gradient, and ``grad_fn`` for SAM (the
-  GCN's loss again) or FGSAM (the peer MLP's)."""
+def make_step(opt, kind):
+  """One training step.
+
+  ``"gcn"``: the GCN's gradient alone (Adam). ``"gcn+gcn"``: the GCN's
+  gradient and ``grad_fn`` = the GCN's again (SAM). ``"gcn+mlp"``: the GCN's
+  gradient and ``grad_fn`` = the peer MLP's (FGSAM). ``"mlp, gcn every k"``:
+  the peer MLP's gradient, ``grad_fn`` = the MLP's and ``graph_grad_fn`` =
+  the GCN's, which FGSAM+ evaluates only every k-th step (FGSAM+).
+  """
   def step(params, state, graph):
-    grads = jax.grad(gcn_loss)(params, graph)
-    extra = ({} if peer_loss is None else
-             {"grad_fn": lambda p: jax.grad(peer_loss)(p, graph)})
+    gcn_grad = lambda p: jax.grad(gcn_loss)(p, graph)
+    mlp_grad = lambda p: jax.grad(mlp_loss)(p, graph)
+    if kind == "gcn":
+      grads, extra = gcn_grad(params), {}
+    elif kind == "gcn+gcn":
+      grads, extra = gcn_grad(params), {"grad_fn": gcn_grad}
+    elif kind == "gcn+mlp":
+      grads, extra = gcn_grad(params), {"grad_fn": mlp_grad}
+    else:
+      grads = mlp_grad(params)
+      extra = {"grad_fn": mlp_grad, "graph_grad_fn": gcn_grad}
     updates, state = opt.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
   return step
 
 
-def trainer(opt, peer_loss, steps):
+def trainer(opt, kind, steps):
   """``run(params, graph) -> test accuracy`` after ``steps`` steps, one
   compiled scan (compiled once: every seed's graph has the same shapes)."""
-  step = make_step(opt, peer_loss)
+  step = make_step(opt, kind)
 
   @jax.jit
   def run(params, graph):
@@ -211,15 +234,24 @@ def time_side_by_side(fns, repeats, inner=10):
   return times
 
 
+def training_steps(opt, kind, params, graph):
+  """A call that takes the next training step, carrying params and state
+  from call to call (FGSAM+'s steps differ with the step count; a block of
+  an even number of calls averages over its FGSAM and MLP-only steps)."""
+  step = jax.jit(make_step(opt, kind), donate_argnums=(0, 1))
+  carry = [jax.tree.map(jnp.copy, params), opt.init(params)]
+
+  def call():
+    carry[:] = step(*carry, graph)
+    return carry
+  return call
+
+
 def timings(graph, repeats):
   params = init_params(jax.random.key(0), graph["x"].shape[1],
                        int(graph["labels"].max()) + 1)
-  fns = {}
-  for name, (opt, peer_loss) in optimizers().items():
-    step = jax.jit(make_step(opt, peer_loss))
-    state = opt.init(params)
-    fns[name] = (lambda step, state: lambda: step(params, state, graph))(
-        step, state)
+  fns = {name: training_steps(opt, kind, params, graph)
+         for name, (opt, kind) in optimizers().items()}
   gcn_grad = jax.jit(jax.grad(gcn_loss))
   mlp_grad = jax.jit(jax.grad(mlp_loss))
   fns["gcn gradient"] = lambda: gcn_grad(params, graph)
@@ -255,8 +287,8 @@ def main(argv=None):
 
   graphs = [csbm(seed, **config) for seed in range(config["seeds"])]
   size = max(g["weights"].shape[0] for g in graphs)
-  runs = {name: trainer(opt, peer_loss, config["steps"])
-          for name, (opt, peer_loss) in optimizers().items()}
+  runs = {name: trainer(opt, kind, config["steps"])
+          for name, (opt, kind) in optimizers().items()}
   accuracies = {name: [] for name in runs}
   for seed, graph in enumerate(graphs):
     params = init_params(jax.random.key(seed), config["features"],
@@ -270,7 +302,8 @@ def main(argv=None):
         f" {config['classes']} classes, {config['features']} features,"
         f" {config['labels_per_class']} labels per class;"
         f" {config['steps']} Adam steps (lr {LR}, coupled weight decay"
-        f" {WEIGHT_DECAY}), rho {RHO}, FGSAM lam {LAM};"
+        f" {WEIGHT_DECAY}), rho {RHO}, FGSAM lam {LAM}, FGSAM+ rho"
+        f" {PLUS_RHO} k {PLUS_K} alpha {PLUS_ALPHA};"
         f" {config['seeds']} seeds; backend {jax.default_backend()}")
   print(f"{'optimizer':<10}{'test accuracy':>22}{'ms / step':>12}"
         f"{'vs Adam (quartiles)':>24}{'fastest vs fastest':>20}")

@@ -11,7 +11,7 @@ from tests import fresh_process
 
 @pytest.mark.slow
 def test_fgsam_gcn_example_quick():
-  """The GCN / peer-MLP example trains Adam, SAM and FGSAM well above
+  """The GCN / peer-MLP example trains Adam, SAM, FGSAM and FGSAM+ well above
   chance, times each step and the two gradients, and its JSON summary
   parses (numbers are not pinned: they belong to the committed output)."""
   root = fresh_process.ROOT
@@ -21,7 +21,7 @@ def test_fgsam_gcn_example_quick():
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   lines = proc.stdout.strip().splitlines()
   summary = json.loads(lines[-1])
-  names = ("adam", "sam", "fgsam")
+  names = ("adam", "sam", "fgsam", "fgsam+")
   assert all(any(line.startswith(name + " ") for line in lines)
              for name in names)
   seeds = summary["config"]["seeds"]
