@@ -866,6 +866,12 @@ def _check_bool(name, value, who):
     raise TypeError(f"{who}: {name} must be a bool, got {value!r}.")
 
 
+def _check_fgsam_args(who, *, lam, **family_args):
+  """The family's checks, and ``lam`` in ``[0, 1]`` (both ends allowed)."""
+  _check_family_args(who, **family_args)
+  _common.check_scalar("lam", lam, low=0.0, high=1.0, who=who)
+
+
 def fgsam_perturbation(
     rho,
     *,
@@ -930,9 +936,8 @@ def fgsam_perturbation(
     https://arxiv.org/abs/2410.16845
   """
   who = "fgsam_perturbation"
-  _check_family_args(who, eps=eps, axis_name=axis_name,
-                     norm_axis_name=norm_axis_name)
-  _common.check_scalar("lam", lam, low=0.0, high=1.0, who=who)
+  _check_fgsam_args(who, lam=lam, eps=eps, axis_name=axis_name,
+                    norm_axis_name=norm_axis_name)
   ascent = _sam_ascent(adaptive=False, eta=0.0, eps=eps,
                        norm_axis_name=norm_axis_name)
 
@@ -1047,9 +1052,8 @@ def fgsam_plus_perturbation(
   """
   who = "fgsam_plus_perturbation"
   _check_positive_int("k", k, who)
-  _check_family_args(who, eps=eps, axis_name=axis_name,
-                     norm_axis_name=norm_axis_name, alpha=(alpha, None))
-  _common.check_scalar("lam", lam, low=0.0, high=1.0, who=who)
+  _check_fgsam_args(who, lam=lam, eps=eps, axis_name=axis_name,
+                    norm_axis_name=norm_axis_name, alpha=(alpha, None))
   sam_ascent = _sam_ascent(adaptive=False, eta=0.0, eps=eps,
                            norm_axis_name=norm_axis_name)
 

@@ -53,13 +53,19 @@ def official_fgsam_adam(graph, peer, steps, *, lr, rho, lam, weight_decay,
   return trajectory
 
 
-def _run(opt, graph_loss, peer_loss, params, steps):
+def _run(opt, graph_loss, peer_loss, params, steps, *, plus=False):
+  """FGSAM: the graph gradient, grad_fn the peer's. FGSAM+ (``plus``): the
+  peer gradient, grad_fn the peer's and graph_grad_fn the graph's."""
   graph_grad, peer_grad = jax.grad(graph_loss), jax.grad(peer_loss)
 
   @jax.jit
   def step(params, state):
-    updates, state = opt.update(graph_grad(params), state, params,
-                                grad_fn=peer_grad)
+    if plus:
+      updates, state = opt.update(peer_grad(params), state, params,
+                                  grad_fn=peer_grad, graph_grad_fn=graph_grad)
+    else:
+      updates, state = opt.update(graph_grad(params), state, params,
+                                  grad_fn=peer_grad)
     return optax.apply_updates(params, updates), state
 
   state = opt.init(params)
@@ -257,31 +263,13 @@ def fgsam_plus_adam(graph, peer, steps, *, lr, rho, lam, k, alpha,
   return trajectory
 
 
-def _run_plus(opt, graph_loss, peer_loss, params, steps, graph_grad_fn=None):
-  peer_grad = jax.grad(peer_loss)
-  graph_grad_fn = graph_grad_fn or jax.grad(graph_loss)
-
-  @jax.jit
-  def step(params, state):
-    updates, state = opt.update(peer_grad(params), state, params,
-                                grad_fn=peer_grad, graph_grad_fn=graph_grad_fn)
-    return optax.apply_updates(params, updates), state
-
-  state = opt.init(params)
-  trajectory = []
-  for _ in range(steps):
-    params, state = step(params, state)
-    trajectory.append(params)
-  return trajectory, state
-
-
 @pytest.mark.parametrize("k,alpha,weight_decay", [(2, 0.7, 5e-4),
                                                   (3, 0.2, 0.0)])
 def test_fgsam_plus_matches_reference(dtype, k, alpha, weight_decay):
   graph, graph_loss, peer, peer_loss, params = _two_losses(dtype)
   opt = samtx.fgsam_plus(LR, RHO, k=k, alpha=alpha, lam=LAM,
                          weight_decay=weight_decay)
-  got, _ = _run_plus(opt, graph_loss, peer_loss, params, STEPS)
+  got, _ = _run(opt, graph_loss, peer_loss, params, STEPS, plus=True)
   want = fgsam_plus_adam(graph, peer, STEPS, lr=LR, rho=RHO, lam=LAM, k=k,
                          alpha=alpha, weight_decay=weight_decay)
   helpers.assert_close_to_reference(got, want, dtype)
@@ -322,8 +310,8 @@ def test_fgsam_plus_runs_the_graph_network_once_per_k_steps(k):
 
 def test_fgsam_plus_rho_zero_is_adam_on_the_mlp_gradient_bit_for_bit():
   _, graph_loss, _, peer_loss, params = _two_losses(jnp.float32)
-  got, state = _run_plus(samtx.fgsam_plus(LR, 0.0, k=2), graph_loss,
-                         peer_loss, params, STEPS)
+  got, state = _run(samtx.fgsam_plus(LR, 0.0, k=2), graph_loss, peer_loss,
+                     params, STEPS, plus=True)
   want, _ = helpers.run(optax.adam(LR), peer_loss, params, STEPS)
   for g, w in zip(got, want):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
