@@ -44,6 +44,12 @@ from samtx.saf import saf_memory
 from samtx.saf import saf_record
 from samtx.saf import saf_targets
 from samtx.saf import trajectory_loss
+# FGSAM, RAPP (issue 22)
+from samtx.aliases import fgsam
+from samtx.aliases import fgsam_plus
+from samtx.perturbations import fgsam_perturbation
+from samtx.perturbations import fgsam_plus_perturbation
+from samtx.wrappers import rapp
 
 __version__ = "0.1.0"
 
@@ -108,4 +114,10 @@ __all__ = (
     "saf_memory",
     "saf_record",
     "saf_targets",
+    # FGSAM, RAPP (issue 22)
+    "fgsam_perturbation",
+    "fgsam_plus_perturbation",
+    "fgsam",
+    "fgsam_plus",
+    "rapp",
 )

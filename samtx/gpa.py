@@ -51,6 +51,19 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+
+def _is_gradient_function(name: str, value) -> bool:
+  """Extra arguments named ``grad_fn`` or ``*_grad_fn`` that are callables."""
+  return callable(value) and (name == "grad_fn" or name.endswith("_grad_fn"))
+
+
+def _shifted(grad_fn, offset):
+  """``q -> grad_fn(q + offset)``, the sum taken in ``offset``'s precision."""
+  def shifted_grad_fn(point):
+    return grad_fn(jax.tree.map(
+        lambda q, d: (q.astype(d.dtype) + d).astype(q.dtype), point, offset))
+  return shifted_grad_fn
+
 def gpa(
     base_optimizer: optax.GradientTransformation,
     *,
@@ -89,7 +102,8 @@ def gpa(
 
   The base optimizer sees ``params`` = :math:`z` (so decoupled weight decay
   acts on :math:`z`). Extra arguments of ``update`` are forwarded to it; a
-  ``grad_fn`` (two-pass samtx optimizers) is shifted to
+  ``grad_fn`` (two-pass samtx optimizers; likewise any ``*_grad_fn``, such
+  as FGSAM+'s ``graph_grad_fn``) is shifted to
   ``q -> grad_fn(q + y - z)``, so a perturbation the base builds around
   :math:`z` is evaluated around :math:`y`: SAM inside GPA calls
   ``grad_fn(y + e)``.
@@ -184,13 +198,12 @@ def gpa(
     offset = jax.tree.map(
         lambda y, z: y.astype(_common.stat_dtype(y.dtype)) - z, params,
         state.z)
-    grad_fn = extra_args.get("grad_fn")
-    if grad_fn is not None:
-      def shifted_grad_fn(point):
-        return grad_fn(jax.tree.map(
-            lambda q, d: (q.astype(d.dtype) + d).astype(q.dtype), point,
-            offset))
-      extra_args = {**extra_args, "grad_fn": shifted_grad_fn}
+    # Every gradient function the base may call (grad_fn, and FGSAM+'s
+    # graph_grad_fn) is a function of the point it is given: shift them all.
+    extra_args = {
+        name: (_shifted(value, offset) if _is_gradient_function(name, value)
+               else value)
+        for name, value in extra_args.items()}
     base_updates, base_state = base.update(updates, state.base_state,
                                            state.z, **extra_args)
     mu_x, mu_y = eval_interp, train_interp

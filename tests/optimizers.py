@@ -99,6 +99,20 @@ CASES = {
         learning_rate=0.02, momentum=0.9, decay=0.7), False),
     "mesa_sam": Case(mesa_sam, dict(learning_rate=0.05, rho=0.05, decay=0.7),
                      True),
+    # issue 22. The suite's grad_fn is the gradient of the same loss, so
+    # FGSAM runs here as a two-pass rule (lam h + (1 - lam) g).
+    "sam_unnormalized": Case(samtx.sam, dict(
+        learning_rate=0.05, rho=0.05, normalize=False), True),
+    "asam_unnormalized_momentum": Case(samtx.sam, dict(
+        learning_rate=0.02, rho=0.02, normalize=False, adaptive=True,
+        eta=0.01, momentum=0.9), True),
+    "fgsam": Case(samtx.fgsam, dict(learning_rate=0.01, rho=0.05, lam=0.3),
+                  True),
+    "fgsam_weight_decay": Case(samtx.fgsam, dict(
+        learning_rate=0.01, rho=0.05, lam=0.7, weight_decay=5e-4), True),
+    # graph_grad_fn, the suite's loss too, comes with every update.
+    "fgsam_plus": Case(samtx.fgsam_plus, dict(
+        learning_rate=0.01, rho=0.05, k=2, alpha=0.1, lam=0.3), True),
 }
 
 NEEDS_PARAMS = {name for name, case in CASES.items() if case.two_pass} | {

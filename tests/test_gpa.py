@@ -251,6 +251,40 @@ def test_gpa_around_sam_perturbs_around_y(dtype):
   assert np.abs(helpers.leaves(state.z)[0] - want_y[-1][0]).max() > 1e-3
 
 
+def test_every_gradient_function_is_shifted_to_y_and_others_pass_through():
+  """FGSAM+'s graph_grad_fn (any ``*_grad_fn``) is evaluated around y like
+  grad_fn; other extra arguments reach the base untouched."""
+  seen = {}
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params, *, grad_fn, graph_grad_fn, note):
+    seen["grad"] = grad_fn(params)
+    seen["graph"] = graph_grad_fn(params)
+    seen["note"] = note
+    return jax.tree.map(lambda u: -0.3 * u, updates), state
+
+  opt = samtx.gpa(optax.GradientTransformationExtraArgs(init, update),
+                  train_interp=0.7, eval_interp=0.9)
+  y = jnp.array([1.0, -2.0])
+  state = opt.init(y)
+  identity = lambda p: p
+  updates, state = opt.update(jnp.array([0.5, 0.25]), state, y,
+                              grad_fn=identity, graph_grad_fn=identity,
+                              note="kept")
+  y = optax.apply_updates(y, updates)
+  opt.update(jnp.array([0.5, 0.25]), state, y, grad_fn=identity,
+             graph_grad_fn=identity, note="kept")
+  # The base is called at z; both gradient functions are called at z + (y -
+  # z) = y, not at z (which differs from y after one step).
+  assert not np.allclose(np.asarray(state.z), np.asarray(y))
+  np.testing.assert_allclose(seen["grad"], y, rtol=1e-6)
+  np.testing.assert_allclose(seen["graph"], y, rtol=1e-6)
+  assert seen["note"] == "kept"
+
+
 # ------------------------------------------------- hyper-parameters, jit
 def test_inject_hyperparams_equals_plain_and_a_changed_train_interp_is_exact():
   """optax.inject_hyperparams(samtx.gpa): same steps as the plain wrapper;
