@@ -514,8 +514,10 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
       recorder.record(perturbed_loss)  # statistics of this pass: discarded
       return perturbed_grads
 
-    new_state = apply_gradients(
-        state, grads=axis.gradient(grads, two_pass), grad_fn=grad_fn)
+    with axis.updating(two_pass):
+      new_state = apply_gradients(
+          state, grads=axis.gradient(grads, two_pass),
+          grad_fn=axis.perturbed(grad_fn, two_pass))
     new_state = new_state.replace(
         opt_state=axis.settle(new_state.opt_state, two_pass))
     if batch_stats is not None:
@@ -704,7 +706,9 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
       nnx.update(model, axis.mean(nnx.as_pure(nnx.state(model, model_state))))
       grads = axis.gradient(grads, two_pass)
     if _takes_extra_args(optimizer.tx):
-      optimizer.update(model, grads, grad_fn=grad_fn)
+      with axis.updating(two_pass):
+        optimizer.update(model, grads,
+                         grad_fn=axis.perturbed(grad_fn, two_pass))
     else:  # a plain transformation has no use for grad_fn (and rejects it)
       optimizer.update(model, grads)
     if several and two_pass:

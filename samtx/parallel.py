@@ -67,6 +67,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
@@ -476,6 +477,34 @@ class _DataAxis:
       return grads
     return jax.lax.pmean(grads, self.axis_name)
 
+  def _global_perturbation(self, two_pass: bool) -> bool:
+    return self.axis_name is not None and two_pass and not self.m_sharpness
+
+  def perturbed(self, grad_fn, two_pass: bool):
+    """The ``grad_fn`` the optimizer gets: with one global perturbation, the
+    perturbed gradient averaged over the axis, like the clean one.
+
+    Every gradient the rule sees is then the whole batch's, so rules that
+    are nonlinear in the perturbed gradient (GSAM's cosine and norms) give
+    the single-device numbers; per-device ``h`` combined with the global
+    ``g`` and averaged afterwards would not.
+    """
+    if not self._global_perturbation(two_pass):
+      return grad_fn
+    return lambda params: jax.lax.pmean(grad_fn(params), self.axis_name)
+
+  def updating(self, two_pass: bool):
+    """The context to call ``optimizer.update`` in.
+
+    With one global perturbation everything the update sees is replicated;
+    declaring it (:func:`samtx._common.replicated_inputs`) spares the
+    transforms a second, redundant all-reduce under ``pmap``, where values
+    are untyped (inside ``shard_map`` the types already say so).
+    """
+    if not self._global_perturbation(two_pass):
+      return contextlib.nullcontext()
+    return _common.replicated_inputs(self.axis_name)
+
   def settle(self, opt_state, two_pass: bool):
     """Averages local ascent statistics so the state stays replicated."""
     if self.axis_name is None or not (two_pass and self.m_sharpness):
@@ -498,8 +527,9 @@ def _train_body(call, optimizer, axis: _DataAxis, who):
       # Same batch, model state and key; this pass's model state is dropped.
       return jax.grad(lambda q: local(q)[0])(axis.vary(p))
 
-    updates, opt_state = optimizer.update(
-        grads, opt_state, params, grad_fn=grad_fn)
+    with axis.updating(two_pass):
+      updates, opt_state = optimizer.update(
+          grads, opt_state, params, grad_fn=axis.perturbed(grad_fn, two_pass))
     opt_state = axis.settle(opt_state, two_pass)
     params = optax.apply_updates(params, updates)
     metrics = _merge_metrics({"loss": loss}, aux, who)

@@ -737,6 +737,74 @@ def test_per_device_body_under_users_pmap_equals_mesh_step(multi_device):
         multi_device[key], err_msg=key, **TOL)
 
 
+def compute_flax_global_gsam():
+  """GSAM with one global perturbation through the Flax steps on 8 devices
+  and on one device with the whole batch (no BatchNorm, no dropout: the two
+  must agree)."""
+  from samtx import parallel
+  mesh = jax.make_mesh((DEVICES,), ("batch",))
+  gsam = lambda axis_name: samtx.gsam(LR, rho=RHO, alpha=0.3,
+                                      axis_name=axis_name)
+  batches = [_global_data(t) for t in range(2)]
+  out = {}
+  model = LinenNet()
+  single = jax.jit(samtx_flax.make_train_step(_linen_loss))
+  state = _linen_state(model, gsam(None))
+  for batch in batches:
+    state, _ = single(state, batch)
+  out.update(_flat("linen/single", state.params))
+  on_mesh = samtx_flax.make_train_step(_linen_loss, mesh=mesh,
+                                       m_sharpness=False)
+  state = _linen_state(model, gsam("batch"))
+  for batch in batches:
+    state, _ = on_mesh(state, batch)
+  out.update(_flat("linen/mesh", state.params))
+  # the per-device body under the user's own jax.pmap
+  body = samtx_flax.make_train_step(_linen_loss, axis_name="batch",
+                                    m_sharpness=False)
+  pmapped = jax.pmap(body, axis_name="batch", out_axes=(0, None))
+  stacked = parallel.pmap_replicate(_linen_state(model, gsam("batch")))
+  for batch in batches:
+    stacked, _ = pmapped(stacked, jax.tree.map(
+        lambda a: a.reshape((DEVICES, -1) + a.shape[1:]), batch))
+  out.update(_flat("linen/pmap", parallel.unreplicate(stacked.params)))
+  for tag, axis_name, step in (
+      ("single", None, nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))),
+      ("mesh", "batch", samtx_flax.make_nnx_train_step(
+          _nnx_loss, mesh=mesh, m_sharpness=False))):
+    model = NNXNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gsam(axis_name), wrt=nnx.Param)
+    for batch in batches:
+      step(model, optimizer, batch)
+    out.update(_flat(f"nnx/{tag}", nnx.as_pure(nnx.state(model, nnx.Param))))
+  out.update(_flat("start", nnx.as_pure(nnx.state(NNXNet(nnx.Rngs(0)),
+                                                  nnx.Param))))
+  return out
+
+
+@pytest.fixture(scope="module")
+def global_gsam():
+  return fresh_process.run("tests.test_flax", "compute_flax_global_gsam")
+
+
+@pytest.mark.parametrize("route", ["linen/mesh", "linen/pmap", "nnx/mesh"])
+def test_global_perturbation_gsam_equals_one_device_whole_batch(global_gsam,
+                                                                route):
+  """GSAM's rule is nonlinear in the perturbed gradient: with
+  m_sharpness=False it must see the global h, not each device's."""
+  out = global_gsam
+  api = route.split("/")[0]
+  keys = [k for k in out if k.startswith(f"{api}/single/")]
+  assert keys
+  for key in keys:
+    np.testing.assert_allclose(out[key.replace("/single/", "/" + route[
+        len(api) + 1:] + "/")], out[key], err_msg=key, rtol=2e-5, atol=2e-6)
+  moved = max(float(np.max(np.abs(out[f"nnx/single{k[len('start'):]}"]
+                                  - out[k])))
+              for k in out if k.startswith("start/"))
+  assert moved > 1e-2
+
+
 def test_sharded_cnn_example_runs_small():
   """examples/sharded_cnn.py (BatchNorm + dropout CNN, 8 devices) trains:
   the test loss falls and every device ends with identical statistics and
