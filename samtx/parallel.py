@@ -41,9 +41,13 @@ Two ways to perturb (two-pass optimizers: SAM, ASAM, AdaSAM, LightSAM):
   ``m`` the per-device batch; it usually generalises better and costs no
   extra communication.
 - **global perturbation** (``m_sharpness=False``): the clean gradient is
-  averaged first, so all devices share ``e = rho g / ||g||``; the result
-  equals a single-device run on the whole batch (up to float reduction
-  order). Use it when the numbers must not depend on the device count.
+  averaged first, so all devices share ``e = rho g / ||g||``, and so is the
+  perturbed gradient ``h``: every gradient the optimizer sees is the global
+  one and its rule runs once on them (GSAM's cosine and norms of ``h``
+  included); the result equals a single-device run on the whole batch (up to
+  float reduction order). The step all-reduces ``g`` and ``h``; the
+  optimizer does not average again what is already replicated. Use it when
+  the numbers must not depend on the device count.
 
 In m-sharpness mode the ascent statistics that depend on the local gradient
 (``PerturbationState.perturbation_norm`` and LightSAM's ascent accumulators)

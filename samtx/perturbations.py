@@ -124,10 +124,10 @@ def _two_pass(
   ``g`` and ``h`` (what m-sharpness asks), and one ``pmean`` keeps every
   device on the same step whichever branch ran. A ``g`` known to be the same
   on every device (typed replicated inside ``shard_map``, or declared by
-  :func:`samtx._common.replicated_inputs`) is one global perturbation: ``h``
-  is averaged *before* the rule, which then runs once on global quantities
+  ``_common.replicated_inputs``) is one global perturbation: ``h`` is
+  averaged *before* the rule, which then runs once on global quantities
   (exact for rules nonlinear in ``h``, such as GSAM's), and values already
-  replicated are not averaged again (:func:`samtx._common.pmean_varying`).
+  replicated are not averaged again (``_common.pmean_varying``).
   """
   _common.check_scalar("rho", rho, low=0.0, allow_schedule=True, who=who)
   check_axis_arguments(who, axis_name, norm_axis_name)
@@ -495,7 +495,9 @@ def gsam_perturbation(
     eps: ``> 0``, keeps a zero gradient finite.
     axis_name: when set, the output is averaged over this mapped axis
       (``jax.lax.pmean``) after each device applied the rule to its own
-      ``g`` and ``h``.
+      ``g`` and ``h``. A ``g`` that is the same on every device (one global
+      perturbation) gets the averaged ``h`` instead, and the rule runs once
+      on the global gradients, as on one device.
     norm_axis_name: mesh axes the parameters are sharded over inside
       ``jax.shard_map``; every norm and inner product sums over them (see
       :func:`sam_perturbation`).
