@@ -687,13 +687,31 @@ def shard(tree, mesh: Mesh, specs):
       jax.tree.map(lambda x: jnp.array(x, copy=True), tree), mesh, specs)
 
 
+@jax.tree_util.register_pytree_node_class
+class _ParamsSlot:
+  """A leafless stand-in for the params: ``optimizer.init`` of it marks
+  where the state holds parameter-shaped trees (as in
+  ``optax.tree_map_params``)."""
+
+  def tree_flatten(self):
+    return (), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux, children
+    return cls()
+
+
 def state_specs(optimizer: optax.GradientTransformation, params, param_specs):
   """The ``PartitionSpec`` of every optimizer-state leaf, from the params'.
 
   Every parameter-shaped state leaf (moments, accumulators, LightSAM's
   ascent statistics, MSAM's momentum) gets its parameter's spec; scalars and
-  other leaves are replicated (``P()``). Found with
-  ``optax.tree_map_params``, abstractly (nothing is allocated).
+  other leaves are replicated (``P()``). Found the way
+  ``optax.tree_map_params`` finds them, abstractly (nothing is allocated).
+  For ``samtx.lookahead`` (and ``optax.lookahead``), whose params are an
+  ``optax.LookaheadParams(fast, slow)`` pair, the fast optimizer's state
+  takes the specs of ``params.fast``.
 
   Args:
     optimizer: an optax optimizer.
@@ -715,9 +733,28 @@ def state_specs(optimizer: optax.GradientTransformation, params, param_specs):
   """
   param_specs = _spec_tree(param_specs, params, "state_specs", "param_specs")
   state = jax.eval_shape(optimizer.init, params)
-  return optax.tree_map_params(
-      optimizer, lambda _, spec: spec, state, param_specs,
-      transform_non_params=lambda _: P(), is_leaf=_is_spec)
+  # Lookahead (samtx's and optax's) keeps its fast optimizer's state, whose
+  # parameter-shaped parts follow params.fast, not the (fast, slow) pair.
+  candidates = [param_specs]
+  if isinstance(param_specs, optax.LookaheadParams):
+    candidates.append(param_specs.fast)
+
+  def specs_like(params_shaped):
+    structure = jax.tree.structure(params_shaped)
+    for specs in candidates:
+      if jax.tree.structure(specs, is_leaf=_is_spec) == structure:
+        return specs
+    raise ValueError(
+        "state_specs: a parameter-shaped part of the optimizer state has the"
+        f" structure {structure}, which is not that of the params"
+        f" {jax.tree.structure(param_specs, is_leaf=_is_spec)}.")
+
+  # optax.tree_map_params, but the whole parameter-shaped subtree is seen.
+  slots = optimizer.init(_ParamsSlot())
+  is_slot = lambda x: isinstance(x, _ParamsSlot)
+  return jax.tree.map(
+      lambda slot, value: specs_like(value) if is_slot(slot) else P(),
+      slots, state, is_leaf=is_slot)
 
 
 def init_sharded(optimizer: optax.GradientTransformation, params, mesh: Mesh,
