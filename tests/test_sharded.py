@@ -50,6 +50,9 @@ def optimizers(**axes):
       "lightsam_III": samtx.lightsam(0.01, RHO, variant="adam", **axes),
       # k=2: the three steps run second pass, reuse, second pass
       "looksam": samtx.looksam(LR, RHO, k=2, momentum=0.9, **axes),
+      # nonlinear in the perturbed gradient: a global perturbation must
+      # average h before the rule
+      "gsam": samtx.gsam(LR, RHO, alpha=0.3, **axes),
       # one pass: no perturbed gradient to average over a data axis
       "msam": samtx.msam(LR, RHO, momentum=0.9, **{
           k: v for k, v in axes.items() if k == "norm_axis_name"}),
