@@ -505,7 +505,7 @@ class _DataAxis:
     transforms a second, redundant all-reduce under ``pmap``, where values
     are untyped (inside ``shard_map`` the types already say so).
     """
-    if not self._global_perturbation(two_pass):
+    if self.axis_name is None or not self._global_perturbation(two_pass):
       return contextlib.nullcontext()
     return _common.replicated_inputs(self.axis_name)
 
@@ -742,8 +742,9 @@ def state_specs(optimizer: optax.GradientTransformation, params, param_specs):
   def specs_like(params_shaped):
     structure = jax.tree.structure(params_shaped)
     for specs in candidates:
-      if jax.tree.structure(specs, is_leaf=_is_spec) == structure:
-        return specs
+      if jax.tree.structure(specs, is_leaf=_is_spec) != structure:
+        continue
+      return specs
     raise ValueError(
         "state_specs: a parameter-shaped part of the optimizer state has the"
         f" structure {structure}, which is not that of the params"

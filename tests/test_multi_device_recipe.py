@@ -68,7 +68,8 @@ def compute_recipe():
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
   def run(step, tx=opt, place=lambda t: jax.device_put(t, replicated),
-          data=jax.device_put(batch, split), read=lambda t: t):
+          data=None, read=lambda t: t):
+    data = jax.device_put(batch, split) if data is None else data
     params, state = place(start), place(tx.init(start))
     for _ in range(STEPS):
       params, state, _ = step(params, state, data)
@@ -106,7 +107,7 @@ def compute_recipe():
         data=jax.tree.map(lambda a: a.reshape((n, -1) + a.shape[1:]), batch),
         read=parallel.unreplicate))
   # the pitfalls
-  vary, average = ns["vary"], ns["average_ascent_statistics"]
+  vary = ns["vary"]
   ns["vary"] = lambda tree: tree
   flat("recipe/m_without_pcast", run(ns["make_step"](m_sharpness=True)))
   ns["vary"], ns["average_ascent_statistics"] = vary, lambda state: state
