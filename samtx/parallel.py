@@ -740,11 +740,10 @@ def state_specs(optimizer: optax.GradientTransformation, params, param_specs):
     candidates.append(param_specs.fast)
 
   def specs_like(params_shaped):
-    structure = jax.tree.structure(params_shaped)
+    structure: Any = jax.tree.structure(params_shaped)
     for specs in candidates:
-      if jax.tree.structure(specs, is_leaf=_is_spec) != structure:
-        continue
-      return specs
+      if structure == jax.tree.structure(specs, is_leaf=_is_spec):
+        return specs
     raise ValueError(
         "state_specs: a parameter-shaped part of the optimizer state has the"
         f" structure {structure}, which is not that of the params"
