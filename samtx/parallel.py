@@ -252,22 +252,18 @@ def _perturbation_states(state) -> list:
 def _mean_inexact(tree, axis_name, *, skip_replicated=False):
   """``pmean``s the float leaves of ``tree``; integer leaves are left alone.
 
-  With ``skip_replicated``, leaves typed as replicated over the axis (inside
-  a vma-checked ``shard_map``) are the same on every device and are left
-  alone too; where nothing is typed (``pmap``, named ``vmap``), every float
-  leaf is averaged.
+  With ``skip_replicated``, leaves known to be the same on every device
+  (typed replicated inside a vma-checked ``shard_map``) are left alone too
+  (:func:`samtx._common.pmean_varying`); where nothing is typed (``pmap``,
+  named ``vmap``), every float leaf is averaged.
   """
-  typed = skip_replicated and axis_name in _common.varying_axes(
-      jax.lax.axis_index(axis_name))
-
-  def mean(x):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-      return x
-    if typed and axis_name not in _common.varying_axes(x):
-      return x
-    return jax.lax.pmean(x, axis_name)
-
-  return jax.tree.map(mean, tree)
+  if skip_replicated:
+    average = lambda x: _common.pmean_varying(x, axis_name)
+  else:
+    average = lambda x: jax.lax.pmean(x, axis_name)
+  return jax.tree.map(
+      lambda x: average(x) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+      else x, tree)
 
 
 def _average_perturbation_state(state, axis_name):
