@@ -16,9 +16,11 @@ batch of 32 whose 8 shards differ strongly:
   the axis), the perturbation state's float leaves averaged after each step
   as documented.
 
-Each alias runs in its own fresh process (``tests/fresh_process.py``): every
-path is one compiled step called ``STEPS`` times. The list is read from
-``CASES``, so an alias added there is covered here without an edit.
+The aliases run three to a fresh process (``tests/fresh_process.py``):
+every path is one compiled step called ``STEPS`` times. The list is read
+from ``CASES``, so an alias added there is covered here without an edit (a
+two-pass alias must take ``axis_name``). With one global perturbation a step
+must also all-reduce just the gradient and the perturbed gradient.
 """
 
 import inspect
@@ -94,7 +96,7 @@ def _global_reference(case, params, batch):
 
 def _m_sharpness_reference(case, params, batch):
   """One device: the 8 shards as a named ``jax.vmap`` axis "batch"."""
-  from samtx.perturbations import PerturbationState
+  from samtx import PerturbationState
   opt = _build(case, "batch")
   shards = jax.tree.map(lambda a: a.reshape((N_DEV, -1) + a.shape[1:]), batch)
 
