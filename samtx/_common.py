@@ -7,7 +7,9 @@ evaluation, and the single place that calls a user's ``grad_fn``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,66 @@ def varying_axes(leaf) -> frozenset:
   if varying is None:
     varying = getattr(getattr(aval, "mat", None), "varying", ())
   return frozenset(varying)
+
+
+# Mapped axes over which the values a transform is traced with are declared
+# the same on every device (see ``replicated_inputs``).
+_REPLICATED_AXES: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
+    "samtx_replicated_axes", default=frozenset())
+
+
+@contextlib.contextmanager
+def replicated_inputs(axis_name: str) -> Iterator[None]:
+  """Declares, while tracing, that updates see replicated values over an axis.
+
+  Under ``jax.pmap`` (and a named ``jax.vmap``) values carry no record of
+  which mapped axes they vary over. samtx's data-parallel steps with one
+  global perturbation average the gradient *and* the perturbed gradient
+  before the rule sees them, so every value an update is traced with is the
+  same on all devices of ``axis_name``; inside this context the transforms
+  skip their own averaging over it (a second parameter-sized all-reduce that
+  would change nothing). Inside a vma-checked ``jax.shard_map`` the types say
+  what varies and take precedence.
+  """
+  token = _REPLICATED_AXES.set(_REPLICATED_AXES.get() | {axis_name})
+  try:
+    yield
+  finally:
+    _REPLICATED_AXES.reset(token)
+
+
+def _typed_over(axis_name: str) -> bool:
+  """Whether values record if they vary over ``axis_name`` (shard_map)."""
+  return axis_name in varying_axes(jax.lax.axis_index(axis_name))
+
+
+def _may_vary(axis_name: str):
+  """``leaf -> bool``: whether a leaf may differ between the axis' devices."""
+  if _typed_over(axis_name):
+    return lambda leaf: axis_name in varying_axes(leaf)
+  replicated = axis_name in _REPLICATED_AXES.get()
+  return lambda leaf: not replicated
+
+
+def is_replicated(tree, axis_name: str) -> bool:
+  """Whether every leaf of ``tree`` is known to be the same on all devices.
+
+  Known from the leaf's type inside a vma-checked ``shard_map``, or declared
+  by :func:`replicated_inputs` where values are untyped (``pmap``).
+  """
+  may_vary = _may_vary(axis_name)
+  return not any(may_vary(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def pmean_varying(tree, axis_name: str):
+  """``jax.lax.pmean`` over ``axis_name`` of the leaves that may vary.
+
+  A leaf known to be the same on every device (:func:`is_replicated`) is its
+  own mean and is returned as it is, with no all-reduce.
+  """
+  may_vary = _may_vary(axis_name)
+  return jax.tree.map(
+      lambda x: jax.lax.pmean(x, axis_name) if may_vary(x) else x, tree)
 
 
 def tree_sum(partials, norm_axis_name=None, dtype=None) -> jax.Array:
@@ -308,7 +370,7 @@ def perturbed_gradient(
 ):
   """Returns ``grad_fn(params + perturbation)``, checked and cast like grads.
 
-  The perturbed gradient is averaged over ``axis_name`` (``jax.lax.pmean``)
+  The perturbed gradient is averaged over ``axis_name`` (:func:`pmean_varying`)
   when one is given, so every device descends along the same direction.
   """
   if grad_fn is None:
@@ -340,7 +402,7 @@ def perturbed_gradient(
           f" {jax.tree_util.keystr(path)}, expected {jnp.shape(g)}.")
   out = cast_like(out, grads)
   if axis_name is not None:
-    out = jax.lax.pmean(out, axis_name=axis_name)
+    out = pmean_varying(out, axis_name)
   return out
 
 

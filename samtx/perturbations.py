@@ -126,7 +126,12 @@ def _two_pass(
   The output is cast to the gradient's dtypes and, with ``axis_name``,
   averaged over that axis last: each device applies the rule to its own
   ``g`` and ``h`` (what m-sharpness asks), and one ``pmean`` keeps every
-  device on the same step whichever branch ran.
+  device on the same step whichever branch ran. A ``g`` known to be the same
+  on every device (typed replicated inside ``shard_map``, or declared by
+  ``_common.replicated_inputs``) is one global perturbation: ``h`` is
+  averaged *before* the rule, which then runs once on global quantities
+  (exact for rules nonlinear in ``h``, such as GSAM's), and values already
+  replicated are not averaged again (``_common.pmean_varying``).
   """
   _common.check_scalar("rho", rho, low=0.0, allow_schedule=True, who=who)
   check_axis_arguments(who, axis_name, norm_axis_name)
@@ -151,8 +156,14 @@ def _two_pass(
     def second_pass(grads):
       perturbation, norm, inner = ascent(grads, state.inner, params, rho_t,
                                          state.count)
+      # A g that is the same on every device means one global perturbation:
+      # the rule then takes the global h too (averaged here unless the
+      # caller's grad_fn already did), as on one device with the whole batch.
+      global_perturbation = (axis_name is not None
+                             and _common.is_replicated(grads, axis_name))
       perturbed = _common.perturbed_gradient(
-          grad_fn, params, perturbation, grads, axis_name=None, who=who)
+          grad_fn, params, perturbation, grads,
+          axis_name=axis_name if global_perturbation else None, who=who)
       output, inner = combine(grads, perturbed, inner, rho_t)
       return (_common.cast_like(output, grads),
               jnp.asarray(norm, norm_dtype),
@@ -165,7 +176,7 @@ def _two_pass(
           state.count % every == 0, second_pass, reuse, updates, state,
           rho_t, axis_name)
     if axis_name is not None:
-      output = jax.lax.pmean(output, axis_name=axis_name)
+      output = _common.pmean_varying(output, axis_name)
     return output, PerturbationState(
         count=optax.safe_increment(state.count), perturbation_norm=norm,
         inner=inner)
@@ -197,7 +208,7 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   def body(g):
     output, norm, inner = second_pass(g)
     if axis_name is not None:
-      norm = jax.lax.pmean(norm, axis_name)
+      norm = _common.pmean_varying(norm, axis_name)
     return output, norm, inner
 
   # Inside shard_map the second pass's results vary over the data axis
@@ -515,7 +526,9 @@ def gsam_perturbation(
     eps: ``> 0``, keeps a zero gradient finite.
     axis_name: when set, the output is averaged over this mapped axis
       (``jax.lax.pmean``) after each device applied the rule to its own
-      ``g`` and ``h``.
+      ``g`` and ``h``. A ``g`` that is the same on every device (one global
+      perturbation) gets the averaged ``h`` instead, and the rule runs once
+      on the global gradients, as on one device.
     norm_axis_name: mesh axes the parameters are sharded over inside
       ``jax.shard_map``; every norm and inner product sums over them (see
       :func:`sam_perturbation`).
@@ -840,7 +853,7 @@ def looksam_perturbation(
     if axis_name is not None:
       # One direction for all devices, and the norm of that direction: the
       # reuse rule assumes n(g_v) is the length of the g_v it adds.
-      g_v = jax.lax.pmean(g_v, axis_name)
+      g_v = _common.pmean_varying(g_v, axis_name)
     return perturbed, LookSAMState(
         g_v=g_v, g_v_norm=_common.global_norm(g_v, g_norm.dtype,
                                               norm_axis_name))
