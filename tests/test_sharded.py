@@ -455,7 +455,7 @@ def test_tensor_parallel_with_m_sharpness_equals_jit_groups(tensor_parallel,
 
 
 
-@pytest.mark.parametrize("wrapper", ["samtx", "optax"])
+@pytest.mark.parametrize("wrapper", ["samtx", "optax", "rapp"])
 def test_state_specs_of_lookahead_follow_the_fast_params(wrapper):
   """Lookahead's state holds its fast optimizer's state, shaped like
   params.fast: its parameter-shaped leaves take the fast params' specs
@@ -468,6 +468,10 @@ def test_state_specs_of_lookahead_follow_the_fast_params(wrapper):
     opt = samtx.lookahead(samtx.adasam(0.01, RHO), sync_period=2,
                           slow_step_size=0.3)
     buffers = 3  # AMSGrad's mu, nu, nu_max
+  elif wrapper == "rapp":  # the anchored Lookahead keeps the same state
+    opt = samtx.rapp(samtx.adasam(0.01, RHO), sync_period=2,
+                     slow_step_size=0.3)
+    buffers = 3
   else:
     opt = optax.lookahead(optax.adam(0.01), sync_period=2,
                           slow_step_size=0.3)
@@ -478,3 +482,20 @@ def test_state_specs_of_lookahead_follow_the_fast_params(wrapper):
   leaves = jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, P))
   assert sorted(map(str, leaves)).count(str(P("data", None))) == buffers
   assert all(s in (P(), P("data", None)) for s in leaves)
+
+
+def test_rapp_state_is_initialised_sharded_like_the_fast_params():
+  """``init_sharded`` on RAPP (anchored Lookahead): the fast optimizer's
+  moments land with the fast params' sharding, scalars replicated."""
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  params = optax.LookaheadParams.init_synced(
+      {"w": jnp.ones((8, 4)), "b": jnp.ones(4)})
+  fast = {"w": P("data", None), "b": P()}
+  opt = samtx.rapp(samtx.adasam(0.01, RHO), sync_period=2, slow_step_size=0.3)
+  state = par.init_sharded(opt, params, mesh,
+                           optax.LookaheadParams(fast=fast, slow=fast))
+  shaped = [x for x in jax.tree.leaves(state) if x.shape == (8, 4)]
+  assert len(shaped) == 3
+  assert all(x.sharding.spec == P("data", None) for x in shaped)
+  assert all(x.sharding.spec == P() for x in jax.tree.leaves(state)
+             if x.ndim == 0)
