@@ -227,8 +227,9 @@ def check_scalar(
   Accepts Python numbers and concrete scalar arrays (what
   ``optax.inject_hyperparams`` passes), and, when ``allow_schedule``, any
   callable. Traced values are accepted unchecked: branching in Python on a
-  tracer is impossible, and their concrete value was checked when the
-  optimizer was first built.
+  tracer is impossible. That leaves ``rho`` injected under ``jax.jit`` (and
+  any schedule's values) unchecked, so transforms read it through
+  :func:`rho_at`, which clamps it at 0.
 
   Raises:
     TypeError: the value is not a real scalar (or a schedule when allowed).
@@ -290,6 +291,25 @@ def value_at(hyper_parameter: ScalarOrSchedule, count: jax.Array):
   if callable(hyper_parameter):
     return hyper_parameter(count)
   return hyper_parameter
+
+
+def rho_at(rho: ScalarOrSchedule, count: jax.Array):
+  """The radius at step ``count``, clamped at 0: ``rho_t = max(rho_t, 0)``.
+
+  :func:`check_scalar` rejects a negative ``rho`` it can see, but not one
+  that only exists at run time: a schedule that goes below 0, or a value
+  ``optax.inject_hyperparams`` passes as a tracer under ``jax.jit``. A
+  negative radius would silently turn the ascent into a descent, and raising
+  from inside a compiled step is not possible, so every transform that
+  takes ``rho`` reads it here and a negative value acts as ``rho = 0`` (the
+  base optimizer). A Python number was checked at construction and is
+  returned as it is.
+  """
+  value = value_at(rho, count)
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return value
+  value = jnp.asarray(value)
+  return jnp.maximum(value, jnp.zeros_like(value))
 
 
 # ----------------------------------------------------------------------------

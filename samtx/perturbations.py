@@ -141,7 +141,7 @@ def _two_pass(
       raise ValueError(
           f"{who}.update needs params: the perturbation is applied to them.")
     _reject_masked(params, who)
-    rho_t = _common.value_at(rho, state.count)
+    rho_t = _common.rho_at(rho, state.count)
     norm_dtype = state.perturbation_norm.dtype
 
     def second_pass(grads):
@@ -290,7 +290,11 @@ def sam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
-      ``rho=0`` reproduces the base optimizer exactly.
+      ``rho=0`` reproduces the base optimizer exactly. A negative value is
+      rejected at construction; one that only appears at run time (a
+      schedule's value, or a value ``optax.inject_hyperparams`` passes
+      under ``jax.jit``) cannot raise and is clamped,
+      ``rho_t = max(rho_t, 0)``, as in every samtx transform taking rho.
     adaptive: ASAM's scale-invariant ball.
     eta: ASAM's offset ``>= 0`` (ignored when ``adaptive=False``).
     eps: ``> 0``, keeps a zero gradient finite.
@@ -367,6 +371,7 @@ def lightsam_perturbation(
 
   Args:
     rho: ``>= 0``, a float or an optax schedule of the step count.
+      Run-time negatives are clamped to 0 (see :func:`sam_perturbation`).
     variant: ``"adagrad_norm"``, ``"adagrad"`` or ``"adam"``.
     b1: first-moment decay of the ``"adam"`` variant, in ``[0, 1)``.
     b2: second-moment decay of the ``"adam"`` variant, in ``[0, 1)``.
@@ -477,7 +482,8 @@ def gsam_perturbation(
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
       ``rho=0`` reproduces the base optimizer exactly (``g_perp`` is then
-      taken to be exactly 0).
+      taken to be exactly 0). Run-time negatives are clamped to 0 (see
+      :func:`sam_perturbation`).
     alpha: ``>= 0``, the weight of the surrogate-gap ascent.
     adaptive: ASAM's ascent point (``T = |x|``, the PyTorch
       ``adaptive=True`` mode).
@@ -551,6 +557,7 @@ def wsam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
+      Run-time negatives are clamped to 0 (see :func:`sam_perturbation`).
     gamma: sharpness weight in ``[0, 1)``.
     adaptive: ASAM's ascent point (``T = |x|``).
     eps: ``> 0``, keeps a zero gradient finite.
@@ -632,7 +639,8 @@ def friendly_sam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
-      ``rho=0`` reproduces the base optimizer exactly.
+      ``rho=0`` reproduces the base optimizer exactly. Run-time negatives
+      are clamped to 0 (see :func:`sam_perturbation`).
     sigma: ``>= 0``, how much of the running mean to remove.
     lmbda: decay of the running mean, in ``[0, 1)``.
     adaptive: ASAM's scaling of the ascent direction (``T = |x|``).
@@ -755,6 +763,7 @@ def looksam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
+      Run-time negatives are clamped to 0 (see :func:`sam_perturbation`).
     k: take the second gradient every ``k`` steps, an int ``>= 1``
       (``k=1`` is SAM).
     alpha: ``>= 0``, the weight of the reused direction.
