@@ -7,6 +7,7 @@ evaluation, and the single place that calls a user's ``grad_fn``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import jax
@@ -53,11 +54,15 @@ def check_float_leaves(tree, who: str) -> None:
   """Rejects integer / boolean leaves, whose gradient has no meaning."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      # optax.masked / set_to_zero would not help: the leaf still reaches
+      # this check. Replacing it by None (an empty subtree) does.
       raise TypeError(
           f"{who}: leaf {jax.tree_util.keystr(path)} has dtype {leaf.dtype};"
           " samtx optimizers need floating-point parameters and gradients."
-          " Keep integer state (step counters, indices) out of the optimized"
-          " tree, or freeze it with optax.masked / optax.set_to_zero.")
+          " Keep integer leaves out of the tree you optimize: optimize"
+          " jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.inexact)"
+          " else None, params) and put the integer leaves back inside the"
+          " loss (docs: guides/optax_chains, 'Integer leaves').")
 
 
 # ----------------------------------------------------------------------------
@@ -317,6 +322,19 @@ def rho_at(rho: ScalarOrSchedule, count: jax.Array):
 # ----------------------------------------------------------------------------
 
 
+def _takes_one_argument(fn) -> bool:
+  """Whether ``fn(x)`` binds (False for e.g. ``grad_fn(params, i)``)."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # builtins and C callables: assume so
+    return True
+  try:
+    signature.bind(None)
+  except TypeError:
+    return False
+  return True
+
+
 def perturbed_gradient(
     grad_fn: Optional[Callable[[Any], Any]],
     params,
@@ -339,6 +357,13 @@ def perturbed_gradient(
         " grad_fn=jax.grad(lambda p: loss(p, batch))).")
   if not callable(grad_fn):
     raise TypeError(f"{who}: grad_fn must be callable, got {grad_fn!r}.")
+  if not _takes_one_argument(grad_fn):
+    raise TypeError(
+        f"{who}: grad_fn must be grad_fn(params) -> grads (one argument, a"
+        f" tree like params), got one with signature"
+        f" {inspect.signature(grad_fn)}; samtx calls it once per step at the"
+        " perturbed point. Adapt an optax.contrib.sam-style grad_fn(params,"
+        " i) as grad_fn=lambda p: contrib_grad_fn(p, 0).")
   if params is None:
     raise ValueError(
         f"{who}.update needs params: the perturbation is applied to them.")

@@ -87,6 +87,14 @@ def _check_bool(name: str, value, who: str) -> None:
 
 def _split_aux(out, has_aux: bool, who: str):
   """``(loss, aux)`` from a loss function's output, with shape checks."""
+  if not has_aux and isinstance(out, tuple):
+    # The Flax steps keep model state themselves (linen: the TrainState's
+    # batch_stats; NNX: the model, in place): the only tuple is (loss, aux).
+    raise TypeError(
+        f"{who}: loss_fn returned a tuple; pass has_aux=True"
+        " when it returns (loss, aux) with aux a dict of metrics. Model state"
+        " is not returned: BatchNorm statistics are kept by the step (linen:"
+        " the TrainState's batch_stats; NNX: the model, updated in place).")
   loss, _, aux = _parallel._split_loss_output(
       out, has_aux=has_aux, has_model_state=False, who=who)
   return loss, aux

@@ -107,3 +107,115 @@ def test_rho_at_clamps_arrays_and_schedules_but_keeps_python_numbers():
   assert float(_common.rho_at(jnp.asarray(-0.2), count)) == 0.0
   assert float(_common.rho_at(lambda t: 0.1 - 0.1 * t, count)) == 0.0
   assert float(_common.rho_at(lambda t: 0.1 * t, count)) == pytest.approx(0.3)
+
+
+# ------------------------------------- item 9: errors name working fixes
+def _tree_with_integers():
+  return {"w": jnp.array([1.0, -2.0, 0.5]), "step": jnp.asarray(7, jnp.int32),
+          "block": {"b": jnp.array([0.3, 0.2]),
+                    "ids": jnp.array([2, 0, 1], jnp.int32)}}
+
+
+def _loss_with_integers(tree):
+  # the integer leaves take part in the loss, as an index table would
+  w = tree["w"][tree["block"]["ids"]]
+  return (jnp.sum((w - 1.0) ** 2) + jnp.sum(tree["block"]["b"] ** 2)
+          + 0.0 * tree["step"])
+
+
+@pytest.mark.parametrize("make", [lambda: samtx.sam(0.1, rho=0.05),
+                                  lambda: samtx.msam(0.1, rho=0.05),
+                                  lambda: samtx.looksam(0.1, 0.05, k=2)])
+def test_integer_leaf_error_names_a_recipe_that_works(make):
+  params = _tree_with_integers()
+  with pytest.raises(TypeError) as error:
+    make().init(params)
+  message = str(error.value)
+  assert "\n" not in message and "['block']['ids']" in message
+  assert "optax.masked" not in message and "set_to_zero" not in message
+  # the snippet the message recommends, run as written
+  snippet = message.split("optimize ", 1)[1].split(" and put", 1)[0]
+  trainable = eval(snippet, {"jax": jax, "jnp": jnp, "params": params})  # noqa: S307
+  integers = jax.tree.map(
+      lambda x: None if jnp.issubdtype(x.dtype, jnp.inexact) else x, params)
+  merge = lambda t: jax.tree.map(lambda a, b: b if a is None else a, t,
+                                 integers, is_leaf=lambda x: x is None)
+  loss = lambda t: _loss_with_integers(merge(t))
+  trained, _ = helpers.run(make(), loss, trainable, 5)
+  assert float(loss(trained[-1])) < float(loss(trainable))
+
+
+def test_old_integer_recipe_with_optax_masked_still_raises():
+  """What the message used to recommend: the masked leaf still reaches samtx."""
+  params = _tree_with_integers()
+  frozen = jax.tree.map(lambda x: not jnp.issubdtype(x.dtype, jnp.inexact),
+                        params)
+  opt = optax.chain(optax.masked(optax.set_to_zero(), frozen),
+                    samtx.msam(0.1, 0.05))
+  with pytest.raises(TypeError, match="samtx optimizers need floating-point"):
+    opt.init(params)
+
+
+def _docs_block(page, heading):
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / page
+          ).read_text()
+  section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+  return re.findall(r"```python\n(.*?)```", section, re.S)[0]
+
+
+def test_integer_leaves_recipe_in_the_docs_runs():
+  code = _docs_block("guides/optax_chains.md", "## Integer leaves")
+  params = _tree_with_integers()
+  scope = {"jax": jax, "jnp": jnp, "optax": optax, "samtx": samtx,
+           "params": params, "loss": _loss_with_integers}
+  exec(compile(code, "optax_chains.md", "exec"), scope)  # noqa: S102
+  new = scope["params"]
+  assert jax.tree.structure(new) == jax.tree.structure(params)
+  np.testing.assert_array_equal(new["step"], params["step"])
+  np.testing.assert_array_equal(new["block"]["ids"], params["block"]["ids"])
+  # the float leaves took SAM's step, computed by hand
+  g = jax.grad(_loss_with_integers, allow_int=True)(params)
+  floats = {"w": g["w"], "b": g["block"]["b"]}
+  norm = jnp.sqrt(sum(jnp.sum(x ** 2) for x in floats.values()))
+  shifted = {**params, "w": params["w"] + 0.05 * g["w"] / norm,
+             "block": {**params["block"],
+                       "b": params["block"]["b"] + 0.05 * g["block"]["b"] / norm}}
+  h = jax.grad(_loss_with_integers, allow_int=True)(shifted)
+  np.testing.assert_allclose(new["w"], params["w"] - 0.1 * h["w"], rtol=1e-6)
+  np.testing.assert_allclose(new["block"]["b"],
+                             params["block"]["b"] - 0.1 * h["block"]["b"],
+                             rtol=1e-6)
+
+
+def test_two_argument_grad_fn_gets_a_one_line_error_and_the_adapter_works():
+  params = _params()
+  contrib_grad_fn = jax.grad(lambda p, i: _loss(p))  # optax.contrib.sam style
+  opt = samtx.sam(0.1, rho=0.05)
+  state = opt.init(params)
+  grads = jax.grad(_loss)(params)
+  with pytest.raises(TypeError) as error:
+    opt.update(grads, state, params, grad_fn=contrib_grad_fn)
+  message = str(error.value)
+  assert "\n" not in message
+  assert "grad_fn(params) -> grads" in message
+  assert "grad_fn=lambda p: contrib_grad_fn(p, 0)" in message
+  adapted, _ = opt.update(grads, state, params,
+                          grad_fn=lambda p: contrib_grad_fn(p, 0))
+  want, _ = opt.update(grads, state, params, grad_fn=jax.grad(_loss))
+  for a, b in zip(adapted, want):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("grad_fn", [
+    jax.grad(_loss),
+    lambda p, scale=1.0: jax.grad(_loss)(p),
+    lambda *args: jax.grad(_loss)(args[0]),
+])
+def test_one_argument_grad_fns_of_every_shape_are_accepted(grad_fn):
+  params = _params()
+  opt = samtx.sam(0.1, rho=0.05)
+  out, _ = opt.update(jax.grad(_loss)(params), opt.init(params), params,
+                      grad_fn=grad_fn)
+  assert all(np.all(np.isfinite(x)) for x in out)

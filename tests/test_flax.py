@@ -755,3 +755,42 @@ def test_sharded_cnn_example_runs_small():
   assert summary["devices"] == 8
   assert summary["replica_spread"] == 0.0
   assert summary["test_loss_after"] < summary["test_loss_before"] - 0.1
+
+
+# ---------------------------------------- a tuple from loss_fn, has_aux off
+def test_tuple_from_loss_fn_names_has_aux_and_the_fix_works():
+  """The error names only arguments the step builders take."""
+  data = _data()
+  model = nn.Dense(C)
+  params = model.init(jax.random.key(0), data["x"])["params"]
+
+  def linen_loss(params, batch, apply):
+    loss = _ce(apply(batch["x"]), batch["y"])
+    return loss, {"half": loss / 2}
+
+  nnx_model = nnx.Linear(D, C, rngs=nnx.Rngs(0))
+
+  def nnx_loss(model, x, y):
+    loss = _ce(model(x), y)
+    return loss, {"half": loss / 2}
+
+  def linen_state():
+    return samtx_flax.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=samtx.sam(LR, RHO))
+
+  def nnx_optimizer():
+    return nnx.Optimizer(nnx_model, samtx.sam(LR, RHO), wrt=nnx.Param)
+
+  for step_of, call in [
+      (lambda **kw: samtx_flax.make_train_step(linen_loss, **kw),
+       lambda step: step(linen_state(), data)),
+      (lambda **kw: samtx_flax.make_nnx_train_step(nnx_loss, **kw),
+       lambda step: step(nnx_model, nnx_optimizer(), data["x"], data["y"])),
+  ]:
+    with pytest.raises(TypeError) as error:
+      call(step_of())
+    message = str(error.value)
+    assert "has_aux=True" in message and "has_model_state" not in message
+    out = call(step_of(has_aux=True))
+    metrics = out[1] if isinstance(out, tuple) else out
+    assert float(metrics["half"]) == pytest.approx(float(metrics["loss"]) / 2)
