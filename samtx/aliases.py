@@ -137,8 +137,9 @@ def amsgrad(
     b2: second-moment decay in ``[0, 1)``.
     eps: ``> 0``.
     delayed: experimental analysis form of the AdaSAM proof (divides by the
-      previous ``vhat`` where it has history); not Algorithm 1, not
-      recommended. See :func:`samtx.scale_by_amsgrad`.
+      previous ``vhat`` where it has history and is at least a quarter of
+      the current one); not Algorithm 1, not recommended. See
+      :func:`samtx.scale_by_amsgrad`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -178,8 +179,9 @@ def adasam(
 
   This is the paper's Algorithm 1. ``rho=0`` equals :func:`samtx.amsgrad`.
   ``delayed=True`` is the experimental *analysis* form of the paper's proof
-  (dividing by the previous ``vhat`` where a coordinate has history), not its
-  Algorithm 1 and not recommended; see :func:`samtx.scale_by_amsgrad`.
+  (dividing by the previous ``vhat`` where a coordinate has history that is
+  at least a quarter of the current ``vhat``), not its Algorithm 1 and not
+  recommended; see :func:`samtx.scale_by_amsgrad`.
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.

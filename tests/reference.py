@@ -80,8 +80,9 @@ class AMSGrad:
     prev = self.vhat
     self.vhat = [np.maximum(p, v) for p, v in zip(prev, self.v)]
     if self.delayed:
-      # Previous vhat where a coordinate has history, else this step's.
-      denom = [np.where(p > self.eps ** 2, p, vh)
+      # Previous vhat where a coordinate has history that is at least a
+      # quarter of this step's vhat, else this step's.
+      denom = [np.where((p > self.eps ** 2) & (4 * p >= vh), p, vh)
                for p, vh in zip(prev, self.vhat)]
     else:
       denom = self.vhat

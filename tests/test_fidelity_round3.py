@@ -219,3 +219,82 @@ def test_one_argument_grad_fns_of_every_shape_are_accepted(grad_fn):
   out, _ = opt.update(jax.grad(_loss)(params), opt.init(params), params,
                       grad_fn=grad_fn)
   assert all(np.all(np.isfinite(x)) for x in out)
+
+
+# --------------------------- item 14: AdaSAM's delayed form, bounded steps
+def _rosenbrock(dtype):
+  """optax's alias_test target: from (0, 0) to (a, a^2), a = 1 (1 + i)."""
+  a = 1.0 + 1.0j if jnp.iscomplexobj(jnp.zeros((), dtype)) else 1.0
+  abs_sq = lambda x: jnp.real(x * jnp.conj(x))
+  loss = lambda p: abs_sq(a - p[0]) + 100.0 * abs_sq(p[1] - p[0] ** 2)
+  grad = lambda p: jnp.conj(jax.grad(loss)(p))
+  return jnp.zeros(2, dtype), jnp.array([a, a ** 2], dtype), grad
+
+
+def _optax_check_run(opt, dtype, steps=10000):
+  params, final, grad = _rosenbrock(dtype)
+
+  @jax.jit
+  def run(params, state):
+    def step(carry, _):
+      p, s = carry
+      u, s = opt.update(grad(p), s, p, grad_fn=grad)
+      return (optax.apply_updates(p, u), s), None
+    return jax.lax.scan(step, (params, state), length=steps)[0][0]
+
+  return np.asarray(run(params, opt.init(params))), np.asarray(final)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
+@pytest.mark.parametrize("lr,rho", [(0.1, 0.0), (0.1, 1e-3), (0.01, 1e-4),
+                                    (0.01, 1e-3)])
+def test_delayed_adasam_passes_optax_rosenbrock_check(lr, rho, dtype):
+  """optax's check: 10000 steps, within rtol = atol = 3e-2 of (a, a^2). The
+  previous rule ran off to 1e3-1e9 in all of these but (0.01, 0.0)."""
+  got, final = _optax_check_run(samtx.adasam(lr, rho, delayed=True), dtype)
+  np.testing.assert_allclose(got, final, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
+def test_delayed_adasam_with_sam_sized_rho_ends_where_algorithm_1_ends(dtype):
+  """With rho = 0.05 neither form ends at (1, 1): SAM's perturbation keeps
+  length rho at the minimum, where the valley's curvature is ~1000, and the
+  iterates settle where it is flatter. The delayed form must stay bounded
+  and end near Algorithm 1 (the previous rule reached 1e6)."""
+  delayed, final = _optax_check_run(samtx.adasam(0.1, 0.05, delayed=True),
+                                    dtype)
+  alg1, _ = _optax_check_run(samtx.adasam(0.1, 0.05), dtype)
+  assert np.all(np.isfinite(delayed))
+  assert np.max(np.abs(delayed - alg1)) < 0.2
+  assert np.max(np.abs(alg1 - final)) > 0.1  # the method, not the form
+
+
+def test_delayed_rule_against_numpy_on_a_gradient_spike(dtype):
+  """A coordinate with a small history meets a spike 300x its RMS: the rule
+  divides by this step's vhat (the previous rule divided by the tiny
+  history), and every step stays within twice Algorithm 1's."""
+  eps, b1, b2 = 1e-8, 0.9, 0.999
+  rng = np.random.default_rng(4)
+  steps = [np.array([1e-3 * rng.normal(), rng.normal()]) for _ in range(6)]
+  steps += [np.array([0.3, rng.normal()])] + [
+      np.array([1e-3 * rng.normal(), rng.normal()]) for _ in range(4)]
+  tx = samtx.scale_by_amsgrad(b1, b2, eps, delayed=True)
+  ref = reference.AMSGrad([np.zeros(2)], eps, b1, b2, delayed=True)
+  state = tx.init(jnp.zeros(2, dtype))
+  m, vhat = np.zeros(2), np.full(2, eps ** 2)
+  v = np.zeros(2)
+  tol = ({"rtol": 1e-10, "atol": 1e-12} if dtype == jnp.float64
+         else {"rtol": 2e-5, "atol": 1e-6})
+  for t, g in enumerate(steps):
+    out, state = tx.update(jnp.asarray(g, dtype), state)
+    (want,) = ref([g])
+    np.testing.assert_allclose(np.asarray(out, np.float64), want,
+                               err_msg=f"step {t}", **tol)
+    # the bound, and which coordinates fell back to this step's vhat
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    prev, vhat = vhat, np.maximum(vhat, v)
+    assert np.all(np.abs(want) <= 2 * np.abs(m) / np.sqrt(vhat) * (1 + 1e-9))
+    if t == 6:  # the spike: Algorithm 1's step, not m / sqrt(tiny history)
+      np.testing.assert_allclose(want[0], m[0] / np.sqrt(vhat[0]))
+      assert abs(m[0] / np.sqrt(prev[0])) > 20 * abs(want[0])
