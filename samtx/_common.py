@@ -322,6 +322,24 @@ def rho_at(rho: ScalarOrSchedule, count: jax.Array):
 # ----------------------------------------------------------------------------
 
 
+def value_recorder(grad_fn):
+  """The recorder a ``grad_fn`` carries for values it computes, else None.
+
+  ``samtx.flax``'s ``grad_fn`` s record the loss they compute (for the
+  step's ``perturbed_loss`` metric) in an object with ``latest()`` (the
+  value recorded last) and ``record(value, taken=None)``. A value recorded
+  inside a loop belongs to the loop's trace; a transform that calls
+  ``grad_fn`` inside one (LookSAM) carries ``latest()`` out through the loop
+  and records it again after it, with ``taken`` saying whether the loop's
+  body ran.
+  """
+  recorder = getattr(grad_fn, "recorder", None)
+  if callable(getattr(recorder, "latest", None)) and callable(
+      getattr(recorder, "record", None)):
+    return recorder
+  return None
+
+
 def _takes_one_argument(fn) -> bool:
   """Whether ``fn(x)`` binds (False for e.g. ``grad_fn(params, i)``)."""
   try:

@@ -159,7 +159,7 @@ def _two_pass(
     else:
       output, norm, inner = _every_kth_second_pass(
           state.count % every == 0, second_pass, reuse, updates, state,
-          rho_t, axis_name)
+          rho_t, axis_name, _common.value_recorder(grad_fn))
     if axis_name is not None:
       output = jax.lax.pmean(output, axis_name=axis_name)
     return output, PerturbationState(
@@ -170,7 +170,7 @@ def _two_pass(
 
 
 def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
-                           state, rho_t, axis_name):
+                           state, rho_t, axis_name, recorder=None):
   """``second_pass(g)`` when ``take_second_pass``, else ``g + c d``.
 
   ``(c, d) = reuse(g, inner, rho_t)``. The branch is a ``while_loop`` that
@@ -186,23 +186,34 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   ``g`` and the old state), so nothing the loop carries is read again after
   it. With ``axis_name`` the reported perturbation norm is averaged over the
   axis, so that it is replicated like the rest of the state.
+
+  A value ``grad_fn`` records (``recorder``, see
+  :func:`samtx._common.value_recorder`: ``samtx.flax``'s perturbed loss)
+  belongs to the loop body's trace; the loop carries it out (zeros on a
+  reusing step) and it is recorded again after the loop, with the flag.
   """
-  def skip():
-    return grads, state.perturbation_norm, state.inner
+  def recorded():
+    return () if recorder is None else recorder.latest()
 
   def body(g):
     output, norm, inner = second_pass(g)
     if axis_name is not None:
       norm = jax.lax.pmean(norm, axis_name)
-    return output, norm, inner
+    return output, norm, inner, recorded()
+
+  body_shapes = jax.eval_shape(body, grads)
+  nothing_recorded = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                  body_shapes[3])
+
+  def skip():
+    return grads, state.perturbation_norm, state.inner, nothing_recorded
 
   # Inside shard_map the second pass's results vary over the data axis
   # (local g and h) while a reused state is replicated: the carry takes the
   # union of both, and the body, which reads g from the carry, is typed
   # again with that g until nothing changes (the sets only grow, and the
   # mesh has finitely many axes).
-  varying = _union_of_varying(jax.eval_shape(body, grads),
-                              jax.eval_shape(skip))
+  varying = _union_of_varying(body_shapes, jax.eval_shape(skip))
   typed_as = [_common.varying_axes(g) for g in jax.tree.leaves(grads)]
   while jax.tree.leaves(varying[0]) != typed_as:
     typed_as = jax.tree.leaves(varying[0])
@@ -211,10 +222,12 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   # The flag varies where the step count does (a per-device state).
   run_body = jnp.asarray(take_second_pass)
   done = _vary_over(jnp.zeros([], bool), _common.varying_axes(run_body))
-  _, (output, norm, inner) = jax.lax.while_loop(
+  _, (output, norm, inner, value) = jax.lax.while_loop(
       lambda carry: carry[0],
       lambda carry: (done, _vary_over(body(carry[1][0]), varying)),
       (run_body, _vary_over(skip(), varying)))
+  if recorder is not None:
+    recorder.record(value, taken=run_body)
   coefficient, direction = reuse(output, inner, rho_t)
   return jax.tree.map(
       lambda out, d: jnp.where(
