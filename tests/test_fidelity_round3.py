@@ -298,3 +298,110 @@ def test_delayed_rule_against_numpy_on_a_gradient_spike(dtype):
     if t == 6:  # the spike: Algorithm 1's step, not m / sqrt(tiny history)
       np.testing.assert_allclose(want[0], m[0] / np.sqrt(vhat[0]))
       assert abs(m[0] / np.sqrt(prev[0])) > 20 * abs(want[0])
+
+
+# ------------------------------------- item 7: float16 and loss scaling
+def _digits_mlp(dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0, 1, (256, 16))
+  y = jnp.asarray(np.argmax(x @ rng.normal(size=(16, 4)), -1))  # learnable
+  x = jnp.asarray(x, jnp.float32)
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  params = {"w1": jax.random.normal(k1, (16, 32)) / 4, "b1": jnp.zeros(32),
+            "w2": jax.random.normal(k2, (32, 4)) / 6, "b2": jnp.zeros(4)}
+  params = jax.tree.map(lambda p: p.astype(dtype), params)
+
+  def loss_fn(p, batch):
+    bx, by = batch
+    h = jnp.tanh(bx.astype(p["w1"].dtype) @ p["w1"] + p["b1"])
+    logits = (h @ p["w2"] + p["b2"]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, by).mean()
+
+  return params, loss_fn, (x, y)
+
+
+def _finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def test_float16_params_with_optax_adamw_are_nan_on_the_first_step():
+  """The page's claim: optax's own moments in float16 (eps and g^2 round
+  to 0); samtx in front changes nothing."""
+  params, loss_fn, batch = _digits_mlp(jnp.float16)
+  grad_fn = jax.grad(lambda p: loss_fn(p, batch))
+  for opt in (optax.adamw(1e-3),
+              optax.chain(samtx.sam_perturbation(0.05), optax.adamw(1e-3))):
+    updates, _ = opt.update(grad_fn(params), opt.init(params), params,
+                            grad_fn=grad_fn)
+    assert not _finite(optax.apply_updates(params, updates))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float16_params_with_every_samtx_alias_stay_finite(name):
+  params, loss_fn, batch = _digits_mlp(jnp.float16)
+  trained, _ = helpers.run(CASES[name].make(),
+                           lambda p: loss_fn(p, batch), params, 5)
+  assert _finite(trained[-1])
+  assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(trained[-1]))
+
+
+def _loss_scaling_recipe(loss_fn):
+  scope = {"loss_fn": loss_fn}
+  code = _docs_block("guides/mixed_precision.md", "## Loss scaling (float16)")
+  exec(compile(code, "mixed_precision.md", "exec"), scope)  # noqa: S102
+  return scope
+
+
+def test_loss_scaling_recipe_trains_sam_adamw_like_float32():
+  params, loss_fn, batch = _digits_mlp(jnp.float32)
+  recipe = _loss_scaling_recipe(loss_fn)
+  opt, train_step = recipe["opt"], recipe["train_step"]
+  state, scale = opt.init(params), recipe["initial_loss_scale"]()
+  reference_opt = optax.chain(samtx.sam_perturbation(0.05), optax.adamw(1e-3))
+  want, _ = helpers.run(reference_opt, lambda p: loss_fn(p, batch), params,
+                        200)
+  p = params
+  for _ in range(200):
+    p, state, scale = train_step(p, state, scale, batch)
+  assert _finite(p)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((p, state))
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  start = float(loss_fn(params, batch))
+  got, ref = float(loss_fn(p, batch)), float(loss_fn(want[-1], batch))
+  assert got < 0.8 * start
+  assert abs(got - ref) < 0.02 * start  # float16 passes, float32 everything else
+
+
+def test_loss_scaling_recipe_skips_overflowing_steps_and_halves_the_scale():
+  params, loss_fn, batch = _digits_mlp(jnp.float32)
+  recipe = _loss_scaling_recipe(loss_fn)
+  opt, train_step = recipe["opt"], recipe["train_step"]
+  state = opt.init(params)
+  scale = recipe["initial_loss_scale"](2.0 ** 40)  # overflows float16
+  p, scales = params, []
+  for _ in range(40):
+    p, state, scale = train_step(p, state, scale, batch)
+    scales.append(float(scale.scale))
+  skipped = int(state.total_notfinite)
+  assert skipped >= 1 and _finite(p)
+  # every skipped step halved the scale, and the steps before the first
+  # finite one left the parameters where they were
+  assert scales[skipped - 1] == 2.0 ** (40 - skipped)
+  assert float(loss_fn(p, batch)) < float(loss_fn(params, batch))
+  # the adamw step count counts only the steps taken
+  counts = [x for x in jax.tree.leaves(
+      state.inner_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(x, optax.ScaleByAdamState)]
+  assert int(counts[0].count) == 40 - skipped
+
+
+def test_next_loss_scale_doubles_after_a_period_of_finite_steps():
+  recipe = _loss_scaling_recipe(None)
+  scale = recipe["initial_loss_scale"](8.0)
+  for _ in range(3):
+    scale = recipe["next_loss_scale"](scale, jnp.asarray(True), period=3)
+  assert float(scale.scale) == 16.0 and int(scale.finite_steps) == 0
+  scale = recipe["next_loss_scale"](scale, jnp.asarray(False), period=3)
+  assert float(scale.scale) == 8.0
+  low = recipe["initial_loss_scale"](1.0)
+  assert float(recipe["next_loss_scale"](low, jnp.asarray(False)).scale) == 1.0
