@@ -460,7 +460,9 @@ def looksam(
     rho: ``>= 0``, a float or an optax schedule; run-time negatives are
       clamped to 0 (see :func:`samtx.sam_perturbation`).
     k: second gradient every ``k`` steps, an int ``>= 1``.
-    alpha: ``>= 0``, the weight of the reused direction.
+    alpha: ``>= 0``, the weight of the reused direction; set it near SAM's
+      own ``n(g_v)/n(g)`` (e.g. 0.1) rather than the default 0.7, which
+      underfits small models (see :func:`samtx.looksam_perturbation`).
     momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
 
   Returns:

@@ -592,3 +592,73 @@ def test_complex_cosine_is_the_real_inner_product(name, make, rule):
                                err_msg=f"step {t}")
     np.testing.assert_allclose(np.imag(z), want[t][1], rtol=3e-5, atol=3e-6,
                                err_msg=f"step {t}")
+
+
+# ------------------------------ LookSAM against pytorch_optimizer's LookSAM
+def _pytorch_optimizer_looksam_adamw(problem, steps, *, lr, rho, k, alpha,
+                                     b1, b2, eps, weight_decay):
+  """pytorch_optimizer's ``LookSAM`` (``optimizer/sam.py``) around
+  ``torch.optim.AdamW``, transcribed for a list of tensors.
+
+  Its refresh schedule reads AdamW's ``state['step']`` (t steps taken before
+  step t), so step t takes the second pass when t % k == 0. The ascent uses
+  the global norm (+1e-12); g_v and the reuse scaling use per-tensor norms
+  (no eps in the cosine, +1e-8 in the reuse); on other steps the closure
+  recomputes the gradient at x (the same g). AdamW decays the weights by
+  (1 - lr wd) first, then takes the bias-corrected Adam step with eps added
+  to sqrt(v) / sqrt(1 - b2^t).
+  """
+  xs = [np.array(x, np.float64) for x in problem.x0]
+  m = [np.zeros_like(x) for x in xs]
+  v = [np.zeros_like(x) for x in xs]
+  g_v = [None] * len(xs)
+  out = []
+  for t in range(steps):
+    gs = problem.grad(xs)
+    if t % k == 0:
+      scale = rho / (reference.norm(gs) + 1e-12)
+      hs = problem.grad([x + scale * g for x, g in zip(xs, gs)])
+      for i, (g, h) in enumerate(zip(gs, hs)):
+        unit_g = g / np.linalg.norm(g)
+        h_norm = np.linalg.norm(h)
+        g_v[i] = h - h_norm * np.sum(unit_g * h / h_norm) * unit_g
+      ds = hs
+    else:
+      ds = [g + alpha * np.linalg.norm(g) / (np.linalg.norm(gv) + 1e-8) * gv
+            for g, gv in zip(gs, g_v)]
+    step = t + 1
+    xs = [x * (1 - lr * weight_decay) for x in xs]
+    m = [b1 * mi + (1 - b1) * d for mi, d in zip(m, ds)]
+    v = [b2 * vi + (1 - b2) * d * d for vi, d in zip(v, ds)]
+    denom = [np.sqrt(vi) / np.sqrt(1 - b2 ** step) + eps for vi in v]
+    xs = [x - lr / (1 - b1 ** step) * mi / di
+          for x, mi, di in zip(xs, m, denom)]
+    out.append([x.copy() for x in xs])
+  return out
+
+
+@pytest.mark.parametrize("k,alpha", [(3, 0.7), (2, 0.15)])
+def test_looksam_with_adamw_matches_pytorch_optimizer_on_one_tensor(k, alpha):
+  """On a model of one tensor per-tensor and global norms coincide, and
+  samtx's LookSAM chained with optax.adamw (torch AdamW's defaults spelled
+  out: weight_decay=1e-2, not optax's 1e-4) is pytorch_optimizer's LookSAM
+  with torch AdamW step for step."""
+  kw = dict(lr=0.01, rho=0.1, k=k, alpha=alpha, b1=0.9, b2=0.999, eps=1e-8,
+            weight_decay=1e-2)
+  with jax.enable_x64(True):
+    problem = reference.Problem([(7,)], seed=5)
+    x = jnp.asarray(problem.x0[0])
+    loss = lambda p: jnp.sum(jnp.asarray(problem.a[0]) * p ** 4 / 4
+                             + jnp.asarray(problem.c[0]) * p ** 2 / 2
+                             + jnp.asarray(problem.d[0]) * p)
+    opt = optax.chain(
+        samtx.looksam_perturbation(kw["rho"], k=k, alpha=alpha),
+        optax.adamw(kw["lr"], b1=kw["b1"], b2=kw["b2"], eps=kw["eps"],
+                    weight_decay=kw["weight_decay"]))
+    got, _ = helpers.run(opt, loss, x, 12)
+    want = _pytorch_optimizer_looksam_adamw(problem, 12, **kw)
+    # The reuse denominators differ by their eps (1e-8 there, 1e-12 here): a
+    # relative 1e-8 / n(g_v) per reusing step.
+    for t, (g, w) in enumerate(zip(got, want)):
+      np.testing.assert_allclose(np.asarray(g), w[0], rtol=1e-6, atol=1e-9,
+                                 err_msg=f"step {t}")
