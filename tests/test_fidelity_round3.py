@@ -405,3 +405,154 @@ def test_next_loss_scale_doubles_after_a_period_of_finite_steps():
   assert float(scale.scale) == 8.0
   low = recipe["initial_loss_scale"](1.0)
   assert float(recipe["next_loss_scale"](low, jnp.asarray(False)).scale) == 1.0
+
+
+# --------------------------------- item 8: torch optimizers in optax, exactly
+def _torch_sgd(problem, steps, *, lr, momentum=0.0, dampening=0.0,
+               nesterov=False, weight_decay=0.0, grads=None):
+  """torch.optim.SGD's documented update, in NumPy (float64). ``grads``
+  replaces the problem's gradient by a scripted sequence."""
+  xs = [np.array(x, np.float64) for x in problem.x0]
+  buf = None
+  out = []
+  for t in range(steps):
+    gs = problem.grad(xs) if grads is None else grads[t]
+    gs = [g + weight_decay * x for g, x in zip(gs, xs)]
+    if momentum:
+      buf = ([g.copy() for g in gs] if buf is None else
+             [momentum * b + (1 - dampening) * g for b, g in zip(buf, gs)])
+      gs = ([g + momentum * b for g, b in zip(gs, buf)] if nesterov
+            else buf)
+    xs = [x - lr * g for x, g in zip(xs, gs)]
+    out.append(xs)
+  return out
+
+
+def _torch_adam(problem, steps, *, lr, b1=0.9, b2=0.999, eps=1e-8,
+                weight_decay=0.0, decoupled=False):
+  """torch.optim.Adam (L2 ``weight_decay``) or AdamW (``decoupled``), as
+  torch computes them: ``denom = sqrt(v) / sqrt(1 - b2^t) + eps``."""
+  xs = [np.array(x, np.float64) for x in problem.x0]
+  m = [np.zeros_like(x) for x in xs]
+  v = [np.zeros_like(x) for x in xs]
+  out = []
+  for t in range(1, steps + 1):
+    gs = problem.grad(xs)
+    if decoupled:
+      xs = [x * (1 - lr * weight_decay) for x in xs]
+    else:
+      gs = [g + weight_decay * x for g, x in zip(gs, xs)]
+    m = [b1 * mi + (1 - b1) * g for mi, g in zip(m, gs)]
+    v = [b2 * vi + (1 - b2) * g * g for vi, g in zip(v, gs)]
+    xs = [x - lr / (1 - b1 ** t) * mi / (np.sqrt(vi) / np.sqrt(1 - b2 ** t)
+                                         + eps)
+          for x, mi, vi in zip(xs, m, v)]
+    out.append(xs)
+  return out
+
+
+def _torch_sam_sgd(problem, steps, *, lr, rho, momentum, weight_decay,
+                   adaptive=False):
+  """The PyTorch SAM class (first_step / second_step) around SGD."""
+  xs = [np.array(x, np.float64) for x in problem.x0]
+  buf = None
+  out = []
+  for _ in range(steps):
+    gs = problem.grad(xs)
+    scale_of = (lambda x: np.abs(x)) if adaptive else (lambda x: 1.0)
+    norm = np.sqrt(sum(np.sum((scale_of(x) * g) ** 2) for x, g in zip(xs, gs)))
+    scale = rho / (norm + 1e-12)
+    e_w = [(x * x if adaptive else 1.0) * g * scale for x, g in zip(xs, gs)]
+    hs = problem.grad([x + e for x, e in zip(xs, e_w)])
+    hs = [h + weight_decay * x for h, x in zip(hs, xs)]  # p restored first
+    buf = ([h.copy() for h in hs] if buf is None else
+           [momentum * b + h for b, h in zip(buf, hs)])
+    xs = [x - lr * b for x, b in zip(xs, buf)]
+    out.append(xs)
+  return out
+
+
+_TORCH_MAPPINGS = {
+    "SGD(lr)": (lambda: optax.sgd(0.05),
+                lambda p: _torch_sgd(p, 10, lr=0.05)),
+    "SGD(momentum)": (lambda: optax.sgd(0.05, momentum=0.8),
+                      lambda p: _torch_sgd(p, 10, lr=0.05, momentum=0.8)),
+    "SGD(nesterov)": (
+        lambda: optax.sgd(0.05, momentum=0.8, nesterov=True),
+        lambda p: _torch_sgd(p, 10, lr=0.05, momentum=0.8, nesterov=True)),
+    "SGD(weight_decay)": (
+        lambda: optax.chain(optax.add_decayed_weights(0.3),
+                            optax.sgd(0.05, momentum=0.8)),
+        lambda p: _torch_sgd(p, 10, lr=0.05, momentum=0.8, weight_decay=0.3)),
+    "Adam(betas, eps)": (
+        lambda: optax.adam(0.02, b1=0.8, b2=0.99, eps=1e-3),
+        lambda p: _torch_adam(p, 10, lr=0.02, b1=0.8, b2=0.99, eps=1e-3)),
+    "Adam(weight_decay)": (
+        lambda: optax.chain(optax.add_decayed_weights(0.3),
+                            optax.adam(0.02)),
+        lambda p: _torch_adam(p, 10, lr=0.02, weight_decay=0.3)),
+    "AdamW()": (
+        lambda: optax.adamw(0.02, weight_decay=1e-2),
+        lambda p: _torch_adam(p, 10, lr=0.02, weight_decay=1e-2,
+                              decoupled=True)),
+    "AdamW(betas, eps, weight_decay)": (
+        lambda: optax.adamw(0.02, b1=0.8, b2=0.99, eps=1e-3,
+                            weight_decay=0.3),
+        lambda p: _torch_adam(p, 10, lr=0.02, b1=0.8, b2=0.99, eps=1e-3,
+                              weight_decay=0.3, decoupled=True)),
+    "SAM(SGD, weight_decay)": (
+        lambda: optax.chain(samtx.sam_perturbation(0.1),
+                            optax.add_decayed_weights(0.3),
+                            optax.sgd(0.05, momentum=0.8)),
+        lambda p: _torch_sam_sgd(p, 10, lr=0.05, rho=0.1, momentum=0.8,
+                                 weight_decay=0.3)),
+    "SAM(SGD, adaptive)": (
+        lambda: optax.chain(samtx.sam_perturbation(0.1, adaptive=True),
+                            optax.sgd(0.05, momentum=0.8)),
+        lambda p: _torch_sam_sgd(p, 10, lr=0.05, rho=0.1, momentum=0.8,
+                                 weight_decay=0.0, adaptive=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TORCH_MAPPINGS))
+def test_pytorch_faq_mapping_is_exact(name):
+  make, torch_run = _TORCH_MAPPINGS[name]
+  with jax.enable_x64(True):
+    problem, loss, params, _ = helpers.problem_and_loss(jnp.float64)
+    got, _ = helpers.run(make(), loss, params, 10)
+    helpers.assert_close_to_reference(got, torch_run(problem), jnp.float64)
+
+
+def test_optax_adamw_default_weight_decay_is_not_torchs():
+  """Why the FAQ spells weight_decay=1e-2 out: optax's default is 1e-4."""
+  with jax.enable_x64(True):
+    problem, loss, params, _ = helpers.problem_and_loss(jnp.float64)
+    got, _ = helpers.run(optax.adamw(0.02), loss, params, 10)
+    want = _torch_adam(problem, 10, lr=0.02, weight_decay=1e-2,
+                       decoupled=True)
+    with pytest.raises(AssertionError):
+      helpers.assert_close_to_reference(got, want, jnp.float64)
+
+
+def test_dampening_differs_only_through_the_first_gradient():
+  """The FAQ's statement: chain(scale(1 - d), sgd(lr, mu)) against torch's
+  dampened SGD differs in step t's update by lr d mu^(t-1) g_1 (scripted
+  gradients, so the difference cannot feed back)."""
+  lr, mu, d, steps = 0.05, 0.8, 0.3, 6
+  with jax.enable_x64(True):
+    problem, _, params, tree_of = helpers.problem_and_loss(jnp.float64)
+    rng = np.random.default_rng(2)
+    grads = [[rng.normal(size=np.shape(x)) for x in problem.x0]
+             for _ in range(steps)]
+    torch = _torch_sgd(problem, steps, lr=lr, momentum=mu, dampening=d,
+                       grads=grads)
+    opt = optax.chain(optax.scale(1 - d), optax.sgd(lr, momentum=mu))
+    state, p = opt.init(params), params
+    for t in range(steps):
+      updates, state = opt.update(tree_of(grads[t]), state, p)
+      p = optax.apply_updates(p, updates)
+      # x_torch - x_optax after t+1 steps: -lr d g_1 (1 + mu + ... + mu^t)
+      gap = -lr * d * sum(mu ** j for j in range(t + 1))
+      for got, want, g1 in zip(helpers.leaves(p), torch[t], grads[0]):
+        np.testing.assert_allclose(want - got, gap * g1, rtol=1e-9,
+                                   atol=1e-12)
