@@ -556,3 +556,32 @@ def test_dampening_differs_only_through_the_first_gradient():
       for got, want, g1 in zip(helpers.leaves(p), torch[t], grads[0]):
         np.testing.assert_allclose(want - got, gap * g1, rtol=1e-9,
                                    atol=1e-12)
+
+
+def test_loss_scaling_recipe_with_accumulation_matches_float32():
+  """gradient_accumulation.md's float16 chain in mixed_precision.md's step:
+  two micro-batches per update, each perturbed, averaged in float32."""
+  params, loss_fn, (x, y) = _digits_mlp(jnp.float32)
+  recipe = _loss_scaling_recipe(loss_fn)
+  code = _docs_block("guides/gradient_accumulation.md", "## With float16")
+  scope = {"samtx": samtx, "optax": optax, "k": 2}
+  exec(compile(code, "gradient_accumulation.md", "exec"), scope)  # noqa: S102
+  recipe["opt"] = scope["opt"]  # train_step reads opt when it is traced
+  micro = [(x[:128], y[:128]), (x[128:], y[128:])]
+  state, p = scope["opt"].init(params), params
+  scale = recipe["initial_loss_scale"]()
+  for t in range(6):
+    p, state, scale = recipe["train_step"](p, state, scale, micro[t % 2])
+  plain = optax.chain(samtx.sam_perturbation(0.05), optax.MultiSteps(
+      optax.sgd(0.1, momentum=0.9), every_k_schedule=2)
+                      .gradient_transformation())
+  q, plain_state = params, plain.init(params)
+  for t in range(6):
+    grad_fn = jax.grad(lambda w, b=micro[t % 2]: loss_fn(w, b))
+    updates, plain_state = plain.update(grad_fn(q), plain_state, q,
+                                        grad_fn=grad_fn)
+    q = optax.apply_updates(q, updates)
+  assert int(state.total_notfinite) == 0
+  assert not np.allclose(np.asarray(q["w1"]), np.asarray(params["w1"]))
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
