@@ -110,8 +110,8 @@ class _LossRecorder:
   """
 
   def __init__(self):
-    self.value = None
-    self.taken = None
+    self.value: Any = None
+    self.taken: Any = None
     self.trace = None
     self.calls = 0
 
