@@ -77,7 +77,8 @@ MUTANTS = (
     # ------------------------------------------------------------ _common
     Mutant("vdot_without_conj", C,
            "jnp.real(jnp.conj(x.astype(", "jnp.real((x.astype(",
-           ("tests/test_family.py",),
+           ("tests/test_family.py::test_complex_cosine_is_the_real_inner_product",
+            "tests/test_family.py"),
            "complex inner product sum(a b) instead of sum(conj(a) b)",
            quick=True),
     Mutant("abs_sq_without_conj", C,
