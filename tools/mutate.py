@@ -382,7 +382,11 @@ def _run_tests(workdir, tests, timeout):
   return status, time.time() - start, last
 
 
-def run(mutants, timeout, log=print):
+def _log(message):
+  print(message, flush=True)
+
+
+def run(mutants, timeout, log=_log):
   """Runs each mutant on a fresh copy of the repository; returns rows."""
   rows = []
   with tempfile.TemporaryDirectory(prefix="samtx-mutants-") as tmp:
