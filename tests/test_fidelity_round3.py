@@ -585,3 +585,20 @@ def test_loss_scaling_recipe_with_accumulation_matches_float32():
   assert not np.allclose(np.asarray(q["w1"]), np.asarray(params["w1"]))
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_delayed_first_move_just_above_eps_uses_this_steps_vhat(dtype):
+  """A coordinate with no history whose first gradient puts vhat between
+  eps^2 and 4 eps^2 (|h| ~ 5e-7 with eps = 1e-8): the history test, not
+  the floor, sends it to this step's vhat, a step of (1-b1)/sqrt(1-b2) =
+  3.16; dividing by eps^2 would step (1-b1) |h| / eps = 5."""
+  eps, b1, b2 = 1e-8, 0.9, 0.999
+  h = np.array([5e-7, 0.0, 1.0])
+  tx = samtx.scale_by_amsgrad(b1, b2, eps, delayed=True)
+  out, _ = tx.update(jnp.asarray(h, dtype), tx.init(jnp.zeros(3, dtype)))
+  (want,) = reference.AMSGrad([np.zeros(3)], eps, b1, b2, delayed=True)([h])
+  vhat = (1 - b2) * h[0] ** 2
+  assert eps ** 2 < vhat < 4 * eps ** 2
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-5)
+  np.testing.assert_allclose(float(out[0]), (1 - b1) / np.sqrt(1 - b2),
+                             rtol=1e-5)
