@@ -427,8 +427,10 @@ def report(rows, command, wall):
            "Summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
            "", "| mutant | file | status | s | bug | tests |",
            "|---|---|---|---|---|---|"]
+  cell = lambda text: text.replace("|", "\\|")  # a table cell
   lines += [f"| `{r['name']}` | `{r['path']}` | {r['status']} |"
-            f" {r['seconds']:.0f} | {r['why']} | `{r['tests']}` |" for r in rows]
+            f" {r['seconds']:.0f} | {cell(r['why'])} | `{r['tests']}` |"
+            for r in rows]
   return "\n".join(lines) + "\n"
 
 
