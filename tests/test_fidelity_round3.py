@@ -331,8 +331,9 @@ def test_float16_params_with_optax_adamw_are_nan_on_the_first_step():
   grad_fn = jax.grad(lambda p: loss_fn(p, batch))
   for opt in (optax.adamw(1e-3),
               optax.chain(samtx.sam_perturbation(0.05), optax.adamw(1e-3))):
-    updates, _ = opt.update(grad_fn(params), opt.init(params), params,
-                            grad_fn=grad_fn)
+    step = jax.jit(lambda p, s, opt=opt: opt.update(grad_fn(p), s, p,
+                                                     grad_fn=grad_fn)[0])
+    updates = step(params, opt.init(params))
     assert not _finite(optax.apply_updates(params, updates))
 
 
