@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -55,11 +56,15 @@ def check_float_leaves(tree, who: str) -> None:
   """Rejects integer / boolean leaves, whose gradient has no meaning."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      # optax.masked / set_to_zero would not help: the leaf still reaches
+      # this check. Replacing it by None (an empty subtree) does.
       raise TypeError(
           f"{who}: leaf {jax.tree_util.keystr(path)} has dtype {leaf.dtype};"
           " samtx optimizers need floating-point parameters and gradients."
-          " Keep integer state (step counters, indices) out of the optimized"
-          " tree, or freeze it with optax.masked / optax.set_to_zero.")
+          " Keep integer leaves out of the tree you optimize: optimize"
+          " jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.inexact)"
+          " else None, params) and put the integer leaves back inside the"
+          " loss (docs: guides/optax_chains, 'Integer leaves').")
 
 
 # ----------------------------------------------------------------------------
@@ -289,8 +294,9 @@ def check_scalar(
   Accepts Python numbers and concrete scalar arrays (what
   ``optax.inject_hyperparams`` passes), and, when ``allow_schedule``, any
   callable. Traced values are accepted unchecked: branching in Python on a
-  tracer is impossible, and their concrete value was checked when the
-  optimizer was first built.
+  tracer is impossible. That leaves ``rho`` injected under ``jax.jit`` (and
+  any schedule's values) unchecked, so transforms read it through
+  :func:`rho_at`, which clamps it at 0.
 
   Raises:
     TypeError: the value is not a real scalar (or a schedule when allowed).
@@ -354,9 +360,59 @@ def value_at(hyper_parameter: ScalarOrSchedule, count: jax.Array):
   return hyper_parameter
 
 
+def rho_at(rho: ScalarOrSchedule, count: jax.Array):
+  """The radius at step ``count``, clamped at 0: ``rho_t = max(rho_t, 0)``.
+
+  :func:`check_scalar` rejects a negative ``rho`` it can see, but not one
+  that only exists at run time: a schedule that goes below 0, or a value
+  ``optax.inject_hyperparams`` passes as a tracer under ``jax.jit``. A
+  negative radius would silently turn the ascent into a descent, and raising
+  from inside a compiled step is not possible, so every transform that
+  takes ``rho`` reads it here and a negative value acts as ``rho = 0`` (the
+  base optimizer). A Python number was checked at construction and is
+  returned as it is.
+  """
+  value = value_at(rho, count)
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return value
+  value = jnp.asarray(value)
+  return jnp.maximum(value, jnp.zeros_like(value))
+
+
 # ----------------------------------------------------------------------------
 # the one place that evaluates the gradient at a perturbed point
 # ----------------------------------------------------------------------------
+
+
+def value_recorder(grad_fn):
+  """The recorder a ``grad_fn`` carries for values it computes, else None.
+
+  ``samtx.flax``'s ``grad_fn`` s record the loss they compute (for the
+  step's ``perturbed_loss`` metric) in an object with ``latest()`` (the
+  value recorded last) and ``record(value, taken=None)``. A value recorded
+  inside a loop belongs to the loop's trace; a transform that calls
+  ``grad_fn`` inside one (LookSAM) carries ``latest()`` out through the loop
+  and records it again after it, with ``taken`` saying whether the loop's
+  body ran.
+  """
+  recorder = getattr(grad_fn, "recorder", None)
+  if callable(getattr(recorder, "latest", None)) and callable(
+      getattr(recorder, "record", None)):
+    return recorder
+  return None
+
+
+def _takes_one_argument(fn) -> bool:
+  """Whether ``fn(x)`` binds (False for e.g. ``grad_fn(params, i)``)."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # builtins and C callables: assume so
+    return True
+  try:
+    signature.bind(None)
+  except TypeError:
+    return False
+  return True
 
 
 def perturbed_gradient(
@@ -381,6 +437,13 @@ def perturbed_gradient(
         " grad_fn=jax.grad(lambda p: loss(p, batch))).")
   if not callable(grad_fn):
     raise TypeError(f"{who}: grad_fn must be callable, got {grad_fn!r}.")
+  if not _takes_one_argument(grad_fn):
+    raise TypeError(
+        f"{who}: grad_fn must be grad_fn(params) -> grads (one argument, a"
+        f" tree like params), got one with signature"
+        f" {inspect.signature(grad_fn)}; samtx calls it once per step at the"
+        " perturbed point. Adapt an optax.contrib.sam-style grad_fn(params,"
+        " i) as grad_fn=lambda p: contrib_grad_fn(p, 0).")
   if params is None:
     raise ValueError(
         f"{who}.update needs params: the perturbation is applied to them.")

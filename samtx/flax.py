@@ -89,6 +89,14 @@ def _check_bool(name: str, value, who: str) -> None:
 
 def _split_aux(out, has_aux: bool, who: str):
   """``(loss, aux)`` from a loss function's output, with shape checks."""
+  if not has_aux and isinstance(out, tuple):
+    # The Flax steps keep model state themselves (linen: the TrainState's
+    # batch_stats; NNX: the model, in place): the only tuple is (loss, aux).
+    raise TypeError(
+        f"{who}: loss_fn returned a tuple; pass has_aux=True"
+        " when it returns (loss, aux) with aux a dict of metrics. Model state"
+        " is not returned: BatchNorm statistics are kept by the step (linen:"
+        " the TrainState's batch_stats; NNX: the model, updated in place).")
   loss, _, aux = _parallel._split_loss_output(
       out, has_aux=has_aux, has_model_state=False, who=who)
   return loss, aux
@@ -104,17 +112,30 @@ class _LossRecorder:
   """
 
   def __init__(self):
-    self.value = None
+    self.value: Any = None
+    self.taken: Any = None
     self.trace = None
     self.calls = 0
 
-  def record(self, loss) -> None:
+  def record(self, loss, taken=None) -> None:
+    """Records ``loss``; ``taken`` (a traced bool) says whether grad_fn ran.
+
+    A transform that calls grad_fn inside a loop (LookSAM) records the
+    loss again after the loop, in the step's trace, with ``taken`` False on
+    steps without a second pass.
+    """
     self.value = loss
+    self.taken = taken
     self.trace = jax.extend.core.get_opaque_trace_state()
     self.calls += 1
 
+  def latest(self):
+    """The value recorded last (in the trace that recorded it)."""
+    return self.value
+
   def get(self, fallback):
-    """The recorded loss, or ``fallback`` when grad_fn was never called."""
+    """The recorded loss, or ``fallback`` when grad_fn was never called (or,
+    for LookSAM, did not run on this step)."""
     if self.calls == 0:
       return fallback
     if self.trace != jax.extend.core.get_opaque_trace_state():
@@ -124,6 +145,8 @@ class _LossRecorder:
           " 'perturbed_loss' is NaN. The update itself is unaffected.",
           stacklevel=3)
       return jnp.full_like(fallback, jnp.nan)
+    if self.taken is not None:
+      return jnp.where(self.taken, self.value, fallback)
     return self.value
 
 
@@ -437,7 +460,9 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
   MSAM these carry the perturbation, evaluate :func:`eval_params` for the
   clean ones); ``perturbed_loss`` is the loss at the point whose gradient
   drives the descent (for MSAM and plain optax the same pass, so equal to
-  ``loss``); ``perturbation_norm`` see :func:`perturbation_norm`. With
+  ``loss``; for LookSAM, on steps that reuse its stored direction instead of
+  taking a second pass, also ``loss``); ``perturbation_norm`` see
+  :func:`perturbation_norm`. With
   ``has_aux=True`` the dict ``aux`` of the clean pass is merged in.
 
   **Several devices** (data parallel). With ``mesh`` the step is a jitted
@@ -534,6 +559,8 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
       (perturbed_loss, _), perturbed_grads = value_and_grad(axis.vary(params))
       recorder.record(perturbed_loss)  # statistics of this pass: discarded
       return perturbed_grads
+
+    grad_fn.recorder = recorder  # read by transforms that loop over grad_fn
 
     with axis.updating(two_pass):
       new_state = apply_gradients(

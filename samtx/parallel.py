@@ -72,6 +72,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
@@ -491,7 +492,13 @@ class _DataAxis:
     """
     if not self._global_perturbation(two_pass):
       return grad_fn
-    return lambda params: jax.lax.pmean(grad_fn(params), self.axis_name)
+
+    # wraps keeps what grad_fn carries (samtx.flax's loss recorder).
+    @functools.wraps(grad_fn)
+    def averaged(params):
+      return jax.lax.pmean(grad_fn(params), self.axis_name)
+
+    return averaged
 
   def updating(self, two_pass: bool):
     """The context to call ``optimizer.update`` in.

@@ -927,3 +927,92 @@ def test_linen_mesh_step_refuses_sharded_params():
   with pytest.raises(ValueError, match=r"Dense_0.*kernel.*jit_step"):
     step(state.replace(params=params), _global_data(0))
 
+
+# ---------------------------------------- a tuple from loss_fn, has_aux off
+def test_tuple_from_loss_fn_names_has_aux_and_the_fix_works():
+  """The error names only arguments the step builders take."""
+  data = _data()
+  model = nn.Dense(C)
+  params = model.init(jax.random.key(0), data["x"])["params"]
+
+  def linen_loss(params, batch, apply):
+    loss = _ce(apply(batch["x"]), batch["y"])
+    return loss, {"half": loss / 2}
+
+  nnx_model = nnx.Linear(D, C, rngs=nnx.Rngs(0))
+
+  def nnx_loss(model, x, y):
+    loss = _ce(model(x), y)
+    return loss, {"half": loss / 2}
+
+  def linen_state():
+    return samtx_flax.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=samtx.sam(LR, RHO))
+
+  def nnx_optimizer():
+    return nnx.Optimizer(nnx_model, samtx.sam(LR, RHO), wrt=nnx.Param)
+
+  for step_of, call in [
+      (lambda **kw: samtx_flax.make_train_step(linen_loss, **kw),
+       lambda step: step(linen_state(), data)),
+      (lambda **kw: samtx_flax.make_nnx_train_step(nnx_loss, **kw),
+       lambda step: step(nnx_model, nnx_optimizer(), data["x"], data["y"])),
+  ]:
+    with pytest.raises(TypeError) as error:
+      call(step_of())
+    message = str(error.value)
+    assert "has_aux=True" in message and "has_model_state" not in message
+    out = call(step_of(has_aux=True))
+    metrics = out[1] if isinstance(out, tuple) else out
+    assert float(metrics["half"]) == pytest.approx(float(metrics["loss"]) / 2)
+
+
+# ------------------------------------------- LookSAM's loss at the perturbed point
+def _looksam_expected_losses(params, forward, k, steps):
+  """(loss, perturbed loss) per step from the core optimizer on the jnp
+  model: the loss at SAM's point on second-pass steps (t % k == 0), the
+  clean loss on reusing steps (no perturbed point is evaluated there)."""
+  tx = samtx.looksam(LR, RHO, k=k, alpha=0.3)
+  opt_state = tx.init(params)
+  out = []
+  for t in range(steps):
+    batch = _data(t)
+    loss = lambda p: _ce(forward(p, batch["x"]), batch["y"])
+    grads = jax.grad(loss)(params)
+    perturbed = loss(_add(params, _sam_direction(grads)[0]))
+    out.append((loss(params), perturbed if t % k == 0 else loss(params)))
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   grad_fn=jax.grad(loss))
+    params = optax.apply_updates(params, updates)
+  return out
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_looksam_perturbed_loss_is_finite_and_right_under_both_apis(api, k):
+  """grad_fn runs inside LookSAM's once-or-never loop; the loss it computes
+  is carried out of the loop (it used to be NaN on every step, k = 1 too)."""
+  tx = samtx.looksam(LR, RHO, k=k, alpha=0.3)
+  if api == "linen":
+    state = _linen_state(LinenNet(), tx)
+    want = _looksam_expected_losses(state.params, _pure_linen_mlp, k, 4)
+    linen_step = jax.jit(samtx_flax.make_train_step(_linen_loss))
+
+    def step(batch):
+      nonlocal state
+      state, metrics = linen_step(state, batch)
+      return metrics
+  else:
+    model = NNXNet(nnx.Rngs(0))
+    want = _looksam_expected_losses(nnx.as_pure(nnx.state(model, nnx.Param)),
+                                    _pure_mlp, k, 4)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    nnx_step = nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))
+    step = lambda batch: nnx_step(model, optimizer, batch)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no "nested JAX transform" warning
+    for t, (loss, perturbed) in enumerate(want):
+      metrics = step(_data(t))
+      np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+      np.testing.assert_allclose(metrics["perturbed_loss"], perturbed,
+                                 rtol=1e-5, err_msg=f"step {t}")
