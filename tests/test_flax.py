@@ -1016,3 +1016,40 @@ def test_looksam_perturbed_loss_is_finite_and_right_under_both_apis(api, k):
       np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
       np.testing.assert_allclose(metrics["perturbed_loss"], perturbed,
                                  rtol=1e-5, err_msg=f"step {t}")
+
+
+def compute_looksam_perturbed_loss_through_wrappers():
+  """LookSAM's perturbed_loss where samtx wraps the step's grad_fn: GPA's
+  shift around y, and the global-perturbation average on a mesh."""
+  mesh = jax.make_mesh((DEVICES,), ("batch",))
+  out = {}
+  for tag, tx, step in (
+      ("gpa", samtx.gpa(samtx.looksam(LR, RHO, k=2, alpha=0.3),
+                        train_interp=0.7, eval_interp=0.9),
+       jax.jit(samtx_flax.make_train_step(_linen_loss))),
+      ("mesh", samtx.looksam(LR, RHO, k=2, alpha=0.3, axis_name="batch"),
+       samtx_flax.make_train_step(_linen_loss, mesh=mesh, m_sharpness=False))):
+    state = _linen_state(LinenNet(), tx)
+    for t in range(3):
+      state, metrics = step(state, _global_data(t))
+      out[f"{tag}/{t}/loss"] = np.asarray(metrics["loss"])
+      out[f"{tag}/{t}/perturbed_loss"] = np.asarray(metrics["perturbed_loss"])
+  return out
+
+
+def test_looksam_perturbed_loss_survives_the_grad_fn_wrappers():
+  """The loss recorder samtx.flax attaches to grad_fn must survive GPA's
+  shifted grad_fn and the averaged grad_fn of one global perturbation:
+  finite everywhere, above the clean loss on second-pass steps (t = 0, 2),
+  equal to it on the reusing step."""
+  out = fresh_process.run("tests.test_flax",
+                          "compute_looksam_perturbed_loss_through_wrappers")
+  for tag in ("gpa", "mesh"):
+    for t in range(3):
+      loss = out[f"{tag}/{t}/loss"]
+      perturbed = out[f"{tag}/{t}/perturbed_loss"]
+      assert np.isfinite(perturbed), (tag, t)
+      if t % 2:
+        np.testing.assert_allclose(perturbed, loss, rtol=1e-6)
+      else:
+        assert perturbed > loss, (tag, t, perturbed, loss)
