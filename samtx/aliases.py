@@ -668,6 +668,28 @@ def _on_coupled_adam(perturbation, learning_rate, b1, b2, eps, weight_decay,
   return optax.chain(
       perturbation,
       decay,
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      _in_stat_dtype(optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _in_stat_dtype(inner: optax.GradientTransformation
+                   ) -> optax.GradientTransformation:
+  """``inner`` with its state and arithmetic in the statistics dtype.
+
+  optax's Adam keeps its moments in the params' dtype, where float16 rounds
+  ``eps`` and small squared gradients to 0 (NaN on the first step). Here it
+  sees float32 copies of low-precision updates and params; float32, float64
+  and complex leaves pass through unchanged, so their program is optax's own
+  bit for bit. The updates come back in the gradient's dtype.
+  """
+  def init_fn(params):
+    return inner.init(_common.to_stat(params))
+
+  def update_fn(updates, state, params=None):
+    out, state = inner.update(
+        _common.to_stat(updates), state,
+        None if params is None else _common.to_stat(params))
+    return _common.cast_like(out, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -39,7 +39,7 @@ def _run_injected(case, rho_values, steps=4):
   @jax.jit
   def step(params, state):
     updates, state = opt.update(grad_fn(params), state, params,
-                                grad_fn=grad_fn)
+                                **helpers.gradient_fns(grad_fn))
     return optax.apply_updates(params, updates), state
 
   params = _params()
@@ -337,12 +337,17 @@ def test_float16_params_with_optax_adamw_are_nan_on_the_first_step():
     assert not _finite(optax.apply_updates(params, updates))
 
 
+# Cases whose moments are optax.adam's own (GPA wraps any optax optimizer):
+# the page says these go NaN in float16 whatever wraps them.
+ON_OPTAX_ADAM = ("gpa_adam",)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_float16_params_with_every_samtx_alias_stay_finite(name):
   params, loss_fn, batch = _digits_mlp(jnp.float16)
   trained, _ = helpers.run(CASES[name].make(),
                            lambda p: loss_fn(p, batch), params, 5)
-  assert _finite(trained[-1])
+  assert _finite(trained[-1]) == (name not in ON_OPTAX_ADAM)
   assert all(x.dtype == jnp.float16 for x in jax.tree.leaves(trained[-1]))
 
 
