@@ -314,7 +314,7 @@ def check_scalar(
     arr = np.asarray(value)
   except Exception as err:  # pragma: no cover - exotic array types
     raise TypeError(f"{who}: {name} must be a real scalar, got {value!r}.") from err
-  if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.floating)
+  if arr.ndim != 0 or not (jnp.issubdtype(arr.dtype, jnp.floating)
                            or np.issubdtype(arr.dtype, np.integer)):
     kind = "a real scalar or an optax schedule" if allow_schedule else "a real scalar"
     raise TypeError(f"{who}: {name} must be {kind}, got {value!r}.")
@@ -329,7 +329,15 @@ def check_scalar(
   if high is not None:
     bad |= x >= high if high_open else x > high
   if bad:
-    raise ValueError(f"{who}: {name} must lie in {valid}, got {value!r}.")
+    hint = ""
+    if jnp.issubdtype(arr.dtype, jnp.floating) and arr.dtype.itemsize < 4:
+      # optax.inject_hyperparams casts hyper-parameters to the params' dtype
+      # by default: b2 = 0.999 becomes bfloat16 1.0.
+      hint = (f" A {arr.dtype} value rounds (e.g. 0.999 -> 1.0):"
+              " optax.inject_hyperparams casts hyper-parameters to the params'"
+              " dtype unless given hyperparam_dtype=jnp.float32.")
+    raise ValueError(
+        f"{who}: {name} must lie in {valid}, got {value!r}.{hint}")
 
 
 def check_axis_names(name: str, value, who: str) -> None:

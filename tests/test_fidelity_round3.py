@@ -608,3 +608,31 @@ def test_delayed_first_move_just_above_eps_uses_this_steps_vhat(dtype):
   np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-5)
   np.testing.assert_allclose(float(out[0]), (1 - b1) / np.sqrt(1 - b2),
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_inject_hyperparams_with_bfloat16_params(name):
+  """bfloat16 params with hyper-parameters injected in float32 train (the
+  argument checks raised a TypeError on any bfloat16 scalar: numpy does
+  not count bfloat16 as floating)."""
+  case = CASES[name]
+  params = [x.astype(jnp.bfloat16) for x in _params()]
+  opt = optax.inject_hyperparams(case.factory,
+                                 hyperparam_dtype=jnp.float32)(**case.kwargs)
+  trained, _ = helpers.run(opt, _loss, params, 3)
+  assert _finite(trained[-1])
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(trained[-1]))
+
+
+def test_inject_hyperparams_default_dtype_with_bfloat16_params():
+  """optax casts injected hyper-parameters to the params' dtype by default:
+  SAM's (rho, eps, eta) survive bfloat16; AdaSAM's b2 = 0.999 becomes 1.0,
+  which is refused with the fix in the message."""
+  params = [x.astype(jnp.bfloat16) for x in _params()]
+  sam = optax.inject_hyperparams(samtx.sam)(learning_rate=0.1, rho=0.05)
+  trained, _ = helpers.run(sam, _loss, params, 2)
+  assert _finite(trained[-1])
+  adasam = optax.inject_hyperparams(samtx.adasam)(learning_rate=0.01,
+                                                  rho=0.05)
+  with pytest.raises(ValueError, match=r"b2 must lie in.*hyperparam_dtype"):
+    adasam.init(params)
