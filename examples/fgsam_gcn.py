@@ -21,12 +21,12 @@ of FGSAM's gradient that is orthogonal to the MLP's.
 Printed: test accuracy (mean +- std over seeds) of each optimizer, the time
 per step of each (compiled apart, warmed up, interleaved repeats, medians)
 and its ratio to Adam, and the cost of one GCN and one MLP gradient. The last
-line is a JSON summary (tests/test_fgsam_example.py reads it).
+line is a JSON summary (tests/test_examples.py checks the smoke run's).
 
 Run::
 
-  python examples/fgsam_gcn.py           # ~2 minutes on 2 CPU cores
-  python examples/fgsam_gcn.py --quick   # seconds
+  .venv/bin/python examples/fgsam_gcn.py           # ~2 minutes on 2 CPU cores
+  .venv/bin/python examples/fgsam_gcn.py --quick   # a smoke run
 """
 
 from __future__ import annotations

@@ -41,7 +41,25 @@ def _check_sharded_cnn(summary):
   assert summary["test_loss_after"] < summary["test_loss_before"] - 0.1
 
 
-CHECKS = {"sharded_cnn.py": _check_sharded_cnn}
+def _check_fgsam_gcn(summary):
+  """Adam, SAM, FGSAM and FGSAM+ train the GCN well above chance; each step
+  and the two gradients are timed (numbers are not pinned: they belong to
+  the committed output, examples/output/fgsam_gcn.txt)."""
+  names = ("adam", "sam", "fgsam", "fgsam+")
+  seeds = summary["config"]["seeds"]
+  for name in names:
+    accuracies = summary["accuracies"][name]
+    assert len(accuracies) == seeds
+    # Four classes: chance is 0.25; the GCN gets well past it.
+    assert min(accuracies) > 1.6 * summary["chance"], (name, accuracies)
+    assert summary["step_ms"][name] > 0
+    median, low, high, fastest = summary["step_vs_adam"][name]
+    assert low <= median <= high and fastest > 0
+  assert summary["step_vs_adam"]["adam"][0] == 1.0
+  assert 0 < summary["mlp_gradient_ms"] and 0 < summary["gcn_gradient_ms"]
+
+
+CHECKS = {"sharded_cnn.py": _check_sharded_cnn, "fgsam_gcn.py": _check_fgsam_gcn}
 
 
 def test_there_are_examples_and_each_known_check_has_its_script():
