@@ -285,6 +285,16 @@ def is_static_zero(value) -> bool:
     return False
 
 
+def is_known_at_trace_time(value) -> bool:
+  """True for a number or concrete array; False for a schedule or a tracer.
+
+  A schedule's value changes from step to step, and a traced value (what
+  ``optax.inject_hyperparams`` passes) is only known when the step runs, so
+  code that depends on such a value must branch inside the compiled program.
+  """
+  return not (callable(value) or _is_traced(value))
+
+
 def value_at(hyper_parameter: ScalarOrSchedule, count: jax.Array):
   """A hyper-parameter's value at step ``count`` (schedules are called)."""
   if callable(hyper_parameter):

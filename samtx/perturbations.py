@@ -4,7 +4,8 @@ Each transform sits first in an ``optax.chain``. Its ``update`` receives the
 gradient ``g`` at ``params``, builds a perturbation ``e``, calls the
 keyword-only ``grad_fn(params + e)`` exactly once and passes that perturbed
 gradient ``h`` -- or, for GSAM, WSAM and LookSAM, a combination of ``g`` and
-``h`` -- downstream. LookSAM calls ``grad_fn`` only every ``k``-th step. No
+``h`` -- downstream. LookSAM calls ``grad_fn`` only every ``k``-th step, and no
+transform calls it on steps where a scheduled (or injected) ``rho`` is 0. No
 copy of the parameters is kept between steps; Friendly-SAM and LookSAM keep
 the one parameter-sized buffer their rule needs.
 """
@@ -96,6 +97,10 @@ def _vary_over(tree, varying):
   return jax.tree.map(cast, tree, varying)
 
 
+def _unchanged(inner):
+  return inner
+
+
 def _two_pass(
     who: str,
     rho,
@@ -107,6 +112,8 @@ def _two_pass(
     combine: CombineRule = _pass_through,
     reuse: Optional[ReuseRule] = None,
     every=None,
+    at_rho_zero: Callable[[Any], Any] = _unchanged,
+    skip_at_rho_zero: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a two-pass transform from its rules (the shared bookkeeping).
 
@@ -118,6 +125,20 @@ def _two_pass(
   others return ``g + c d`` with ``(c, d) = reuse(g, inner, rho_t)``, and the
   compiled step really skips ``grad_fn`` (LookSAM, see
   :func:`_every_kth_second_pass`).
+
+  **No second pass at rho = 0.** When ``rho`` is a schedule or a traced
+  value (``optax.inject_hyperparams``), steps with ``rho_t == 0`` do not
+  evaluate ``grad_fn``: they take ``h = g`` (what ``grad_fn`` returns at
+  ``params + 0`` when it is the gradient of the loss that gave ``g``), so the
+  output is ``g`` itself, the reported perturbation norm is 0, and the rule's
+  state evolves as at ``rho = 0`` with the second pass: ``ascent`` still
+  updates it from ``g``, and ``at_rho_zero`` maps the result to what
+  ``combine`` would store with ``h = g`` (LookSAM's zero ``g_v``). Both
+  branches are once-or-never loops (:func:`_once_or_never`), so neither kind
+  of step computes the other's work. A rule whose ``grad_fn`` is another
+  loss's gradient (FGSAM's peer loss) needs ``h`` at ``rho = 0`` too and
+  passes ``skip_at_rho_zero=False``. A ``rho`` known at trace time (a
+  number) compiles to the plain step, with no branch.
 
   The output is cast to the gradient's dtypes and, with ``axis_name``,
   averaged over that axis last: each device applies the rule to its own
@@ -144,8 +165,10 @@ def _two_pass(
     rho_t = _common.value_at(rho, state.count)
     norm_dtype = state.perturbation_norm.dtype
 
-    def second_pass(grads):
-      perturbation, norm, inner = ascent(grads, state.inner, params, rho_t,
+    # Both passes read the rule's state from their argument, not from
+    # ``state``: inside a loop that argument is the carried buffer itself.
+    def second_pass(grads, inner):
+      perturbation, norm, inner = ascent(grads, inner, params, rho_t,
                                          state.count)
       perturbed = _common.perturbed_gradient(
           grad_fn, params, perturbation, grads, axis_name=None, who=who)
@@ -154,12 +177,24 @@ def _two_pass(
               jnp.asarray(norm, norm_dtype),
               _common.cast_like(inner, state.inner))
 
-    if reuse is None:
-      output, norm, inner = second_pass(updates)
+    def rho_zero_pass(grads, inner):
+      _, _, inner = ascent(grads, inner, params, rho_t, state.count)
+      return (grads, jnp.zeros([], norm_dtype),
+              _common.cast_like(at_rho_zero(inner), state.inner))
+
+    skips = skip_at_rho_zero and not _common.is_known_at_trace_time(rho)
+    rho_is_zero = jnp.asarray(rho_t) == 0 if skips else None
+    if reuse is None and not skips:
+      output, norm, inner = second_pass(updates, state.inner)
+    elif reuse is None:
+      output, norm, inner = _second_pass_unless(
+          rho_is_zero, second_pass, rho_zero_pass,
+          (updates, jnp.zeros([], norm_dtype), state.inner))
     else:
       output, norm, inner = _every_kth_second_pass(
           state.count % every == 0, second_pass, reuse, updates, state,
-          rho_t, axis_name)
+          rho_t, axis_name, rho_zero_pass=rho_zero_pass if skips else None,
+          rho_is_zero=rho_is_zero)
     if axis_name is not None:
       output = jax.lax.pmean(output, axis_name=axis_name)
     return output, PerturbationState(
@@ -169,8 +204,42 @@ def _two_pass(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _second_pass_unless(rho_is_zero, second_pass, rho_zero_pass, initial):
+  """``second_pass`` where ``rho_t != 0``, else ``rho_zero_pass``.
+
+  ``initial = (g, norm, inner)`` is the step's input: two once-or-never
+  loops run one pass each on it, the first only where ``rho_t != 0`` and
+  the second only where ``rho_t == 0``. A ``jax.lax.cond`` would instead
+  pass ``g`` and the state through one of its branches, which copies them
+  on XLA:CPU (see :func:`_every_kth_second_pass`). The second loop is left
+  out when the rule has no state of its own to update (SAM, GSAM, WSAM):
+  ``initial`` already holds ``g``, a zero norm and that state.
+
+  The passes read ``g`` from the carry, whose first slot ends up holding the
+  output. Inside ``shard_map`` with one global perturbation (``g``
+  replicated over the data axis, ``h`` local) that slot varies over more
+  axes than ``g``, and a state computed from it would too, unlike the state
+  of the plain step: there the passes read ``g`` from outside the loops
+  instead (XLA then copies ``g`` into the carry).
+  """
+  grads = initial[0]
+  read = lambda values: values[0]
+  varying = _carry_typing(lambda v: second_pass(v[0], v[2]), initial)
+  if jax.tree.leaves(varying[0]) != [_common.varying_axes(g)
+                                     for g in jax.tree.leaves(grads)]:
+    read, varying = (lambda values: grads), None
+  values = _once_or_never(jnp.logical_not(rho_is_zero),
+                          lambda v: second_pass(read(v), v[2]), initial,
+                          varying=varying)
+  if not jax.tree.leaves(initial[2]):
+    return values
+  return _once_or_never(rho_is_zero, lambda v: rho_zero_pass(read(v), v[2]),
+                        values)
+
+
 def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
-                           state, rho_t, axis_name):
+                           state, rho_t, axis_name, *, rho_zero_pass=None,
+                           rho_is_zero=None):
   """``second_pass(g)`` when ``take_second_pass``, else ``g + c d``.
 
   ``(c, d) = reuse(g, inner, rho_t)``. The branch is a ``while_loop`` that
@@ -186,41 +255,74 @@ def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
   ``g`` and the old state), so nothing the loop carries is read again after
   it. With ``axis_name`` the reported perturbation norm is averaged over the
   axis, so that it is replicated like the rest of the state.
-  """
-  def skip():
-    return grads, state.perturbation_norm, state.inner
 
-  def body(g):
-    output, norm, inner = second_pass(g)
+  With ``rho_zero_pass`` (a scheduled or traced ``rho``), a step that would
+  take the second pass at ``rho_t == 0`` runs ``rho_zero_pass`` instead, in
+  a second once-or-never loop, and reuses nothing: its output is ``g``.
+  """
+  def body(values):
+    output, norm, inner = second_pass(values[0], values[2])
     if axis_name is not None:
       norm = jax.lax.pmean(norm, axis_name)
     return output, norm, inner
 
-  # Inside shard_map the second pass's results vary over the data axis
-  # (local g and h) while a reused state is replicated: the carry takes the
-  # union of both, and the body, which reads g from the carry, is typed
-  # again with that g until nothing changes (the sets only grow, and the
-  # mesh has finitely many axes).
-  varying = _union_of_varying(jax.eval_shape(body, grads),
-                              jax.eval_shape(skip))
-  typed_as = [_common.varying_axes(g) for g in jax.tree.leaves(grads)]
-  while jax.tree.leaves(varying[0]) != typed_as:
-    typed_as = jax.tree.leaves(varying[0])
-    typed_g = jax.eval_shape(lambda: _vary_over(grads, varying[0]))
-    varying = _union_of_varying(varying, jax.eval_shape(body, typed_g))
-  # The flag varies where the step count does (a per-device state).
-  run_body = jnp.asarray(take_second_pass)
-  done = _vary_over(jnp.zeros([], bool), _common.varying_axes(run_body))
-  _, (output, norm, inner) = jax.lax.while_loop(
-      lambda carry: carry[0],
-      lambda carry: (done, _vary_over(body(carry[1][0]), varying)),
-      (run_body, _vary_over(skip(), varying)))
+  initial = (grads, state.perturbation_norm, state.inner)
+  if rho_zero_pass is None:
+    values = _once_or_never(take_second_pass, body, initial)
+  else:
+    values = _once_or_never(
+        jnp.logical_and(take_second_pass, jnp.logical_not(rho_is_zero)),
+        body, initial)
+    values = _once_or_never(
+        jnp.logical_and(take_second_pass, rho_is_zero),
+        lambda v: rho_zero_pass(v[0], v[2]), values)
+  output, norm, inner = values
   coefficient, direction = reuse(output, inner, rho_t)
   return jax.tree.map(
       lambda out, d: jnp.where(
           take_second_pass, out,
           (out.astype(d.dtype) + coefficient * d).astype(out.dtype)),
       output, direction), norm, inner
+
+
+def _once_or_never(run, body, initial, *, varying=None):
+  """``body(initial)`` if ``run`` else ``initial``, without copying ``initial``.
+
+  A ``jax.lax.while_loop`` whose body runs once or not at all: the carry is
+  updated in place, so when the body does not run its buffers pass through
+  untouched. ``body`` must read everything it overwrites from its argument
+  (the carry), not from outside the loop, or XLA copies those buffers to
+  keep the outside value alive. ``varying`` is the carry's typing if
+  already known (:func:`_carry_typing`). The flag varies where ``run`` does
+  (e.g. a per-device step count inside ``shard_map``).
+  """
+  if varying is None:
+    varying = _carry_typing(body, initial)
+  run = jnp.asarray(run)
+  done = _vary_over(jnp.zeros([], bool), _common.varying_axes(run))
+  _, values = jax.lax.while_loop(
+      lambda carry: carry[0],
+      lambda carry: (done, _vary_over(body(carry[1]), varying)),
+      (run, _vary_over(initial, varying)))
+  return values
+
+
+def _carry_typing(body, initial):
+  """The mesh axes each leaf of a loop's carry must vary over.
+
+  Inside ``shard_map`` the body's results may vary over more axes than
+  ``initial`` (local ``g`` and ``h`` against a replicated state): the carry
+  takes the union of both, and the body, which reads the carry, is typed
+  again with that carry until nothing changes (the sets only grow, and the
+  mesh has finitely many axes). Outside ``shard_map`` every set is empty.
+  """
+  typed_as = jax.tree.leaves(_union_of_varying(initial, initial))
+  varying = _union_of_varying(jax.eval_shape(body, initial), initial)
+  while jax.tree.leaves(varying) != typed_as:
+    typed_as = jax.tree.leaves(varying)
+    typed = jax.eval_shape(lambda: _vary_over(initial, varying))
+    varying = _union_of_varying(varying, jax.eval_shape(body, typed))
+  return varying
 
 
 def _union_of_varying(a, b):
@@ -290,7 +392,14 @@ def sam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
-      ``rho=0`` reproduces the base optimizer exactly.
+      ``rho=0`` reproduces the base optimizer exactly. Where ``rho`` is a
+      schedule or a traced array (what ``optax.inject_hyperparams``
+      passes), steps with ``rho_t = 0`` skip the second pass: ``grad_fn``
+      is not evaluated, the output is ``g`` and the step costs one gradient
+      (e.g. a schedule that is 0 early in training and ``rho`` late). The
+      compiled step then branches in loops that run once or never:
+      ``jax.jvp`` and ``jax.vmap`` go through ``update``, reverse-mode
+      ``jax.grad`` does not (JAX refuses it). A number has no branch.
     adaptive: ASAM's scale-invariant ball.
     eta: ASAM's offset ``>= 0`` (ignored when ``adaptive=False``).
     eps: ``> 0``, keeps a zero gradient finite.
@@ -366,7 +475,10 @@ def lightsam_perturbation(
   :func:`samtx.lightsam_preconditioner`, the same ones the descent step uses.
 
   Args:
-    rho: ``>= 0``, a float or an optax schedule of the step count.
+    rho: ``>= 0``, a float or an optax schedule of the step count. A
+      scheduled or injected ``rho`` skips ``grad_fn`` where it is 0 (see
+      :func:`sam_perturbation`); the ascent accumulators are still updated
+      from ``g`` there, as at ``rho = 0``.
     variant: ``"adagrad_norm"``, ``"adagrad"`` or ``"adam"``.
     b1: first-moment decay of the ``"adam"`` variant, in ``[0, 1)``.
     b2: second-moment decay of the ``"adam"`` variant, in ``[0, 1)``.
@@ -477,7 +589,8 @@ def gsam_perturbation(
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
       ``rho=0`` reproduces the base optimizer exactly (``g_perp`` is then
-      taken to be exactly 0).
+      taken to be exactly 0). A scheduled or injected ``rho`` skips
+      ``grad_fn`` where it is 0 (see :func:`sam_perturbation`).
     alpha: ``>= 0``, the weight of the surrogate-gap ascent.
     adaptive: ASAM's ascent point (``T = |x|``, the PyTorch
       ``adaptive=True`` mode).
@@ -551,6 +664,8 @@ def wsam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
+      A scheduled or injected ``rho`` skips ``grad_fn`` where it is 0 (see
+      :func:`sam_perturbation`).
     gamma: sharpness weight in ``[0, 1)``.
     adaptive: ASAM's ascent point (``T = |x|``).
     eps: ``> 0``, keeps a zero gradient finite.
@@ -632,7 +747,9 @@ def friendly_sam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
-      ``rho=0`` reproduces the base optimizer exactly.
+      ``rho=0`` reproduces the base optimizer exactly. A scheduled or
+      injected ``rho`` skips ``grad_fn`` where it is 0 (see
+      :func:`sam_perturbation`); ``m`` is still updated from ``g`` there.
     sigma: ``>= 0``, how much of the running mean to remove.
     lmbda: decay of the running mean, in ``[0, 1)``.
     adaptive: ASAM's scaling of the ascent direction (``T = |x|``).
@@ -755,6 +872,9 @@ def looksam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
+      With a scheduled or injected ``rho``, a ``k``-th step where
+      ``rho_t = 0`` skips ``grad_fn`` too (see :func:`sam_perturbation`):
+      it returns ``g`` and stores ``g_v = 0``, as at ``rho = 0``.
     k: take the second gradient every ``k`` steps, an int ``>= 1``
       (``k=1`` is SAM).
     alpha: ``>= 0``, the weight of the reused direction.
@@ -820,5 +940,11 @@ def looksam_perturbation(
     g_norm = _common.global_norm(g, inner.g_v_norm.dtype, norm_axis_name)
     return alpha * g_norm / (inner.g_v_norm + eps), inner.g_v
 
+  def at_rho_zero(inner):
+    # What combine stores when h = g and rho = 0: no orthogonal part.
+    return LookSAMState(g_v=jax.tree.map(jnp.zeros_like, inner.g_v),
+                        g_v_norm=jnp.zeros_like(inner.g_v_norm))
+
   return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
-                   combine=combine, reuse=reuse, every=k)
+                   combine=combine, reuse=reuse, every=k,
+                   at_rho_zero=at_rho_zero)
