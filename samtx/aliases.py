@@ -74,7 +74,9 @@ def sam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; where a schedule (or an
+      injected ``rho``) is 0 the step skips ``grad_fn``
+      (:func:`samtx.sam_perturbation`).
     momentum: SGD momentum ``mu`` in ``[0, 1)``; ``None`` (or 0) keeps no
       momentum buffer.
     nesterov: Nesterov momentum.
@@ -182,7 +184,9 @@ def adasam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; where a schedule (or an
+      injected ``rho``) is 0 the step skips ``grad_fn``
+      (:func:`samtx.sam_perturbation`).
     b1: first-moment decay in ``[0, 1)``.
     b2: second-moment decay in ``[0, 1)``.
     eps: ``> 0``, the AMSGrad epsilon (``vhat`` starts at ``eps**2``).
@@ -237,7 +241,9 @@ def lightsam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; where a schedule (or an
+      injected ``rho``) is 0 the step skips ``grad_fn``
+      (:func:`samtx.sam_perturbation`).
     variant: ``"adagrad_norm"`` (I), ``"adagrad"`` (II) or ``"adam"`` (III).
     b1: first-moment decay of the ``"adam"`` variant.
     b2: second-moment decay of the ``"adam"`` variant.
@@ -299,7 +305,9 @@ def gsam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; where a schedule (or an
+      injected ``rho``) is 0 the step skips ``grad_fn``
+      (:func:`samtx.sam_perturbation`).
     alpha: ``>= 0``, the weight of the surrogate-gap ascent.
     adaptive: ASAM's ascent point.
     momentum: SGD momentum in ``[0, 1)``; ``None`` (or 0) keeps no momentum
@@ -351,7 +359,9 @@ def wsam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; where a schedule (or an
+      injected ``rho``) is 0 the step skips ``grad_fn``
+      (:func:`samtx.sam_perturbation`).
     gamma: sharpness weight in ``[0, 1)`` (0.5 is SAM).
     adaptive: ASAM's ascent point.
     momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
@@ -400,7 +410,9 @@ def friendly_sam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; where a schedule (or an
+      injected ``rho``) is 0 the step skips ``grad_fn``
+      (:func:`samtx.sam_perturbation`).
     sigma: ``>= 0``, how much of the gradient's running mean to remove.
     lmbda: decay of the running mean, in ``[0, 1)``.
     adaptive: ASAM's scaling of the ascent direction.
@@ -449,7 +461,9 @@ def looksam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; where a schedule (or an
+      injected ``rho``) is 0 the step skips ``grad_fn``
+      (:func:`samtx.sam_perturbation`).
     k: second gradient every ``k`` steps, an int ``>= 1``.
     alpha: ``>= 0``, the weight of the reused direction.
     momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
