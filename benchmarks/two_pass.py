@@ -80,7 +80,26 @@ def optimizers() -> dict:
       # reusing step alone, against the base step.
       "samtx.looksam(reuse steps)": (
           samtx.looksam(LR, RHO, k=2**30, **sgd_m), two),
+      # A scheduled rho (SAM late in training): steps before the switch
+      # skip the second pass (against the base step), steps after it take
+      # it inside the once-or-never loop (against samtx.sam).
+      SCHEDULED_ZERO: (samtx.sam(LR, zero_then_rho(2**30), **sgd_m), two),
+      SCHEDULED_RHO: (samtx.sam(LR, zero_then_rho(0), **sgd_m), two),
   }
+
+
+SCHEDULED_ZERO = "samtx.sam(rho schedule, rho_t = 0)"
+SCHEDULED_RHO = "samtx.sam(rho schedule, rho_t > 0)"
+
+
+def zero_then_rho(switch: int):
+  """rho = 0 before step ``switch``, then RHO (SAM late in training).
+
+  The radius depends on the step count at run time, so the compiled step
+  keeps both branches whichever side of the switch it is timed on.
+  """
+  return optax.join_schedules(
+      [optax.constant_schedule(0.0), optax.constant_schedule(RHO)], [switch])
 
 
 # ----------------------------------------------------------------------------
