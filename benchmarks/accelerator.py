@@ -37,12 +37,17 @@ bytes in use while that step runs alone (``device.memory_stats()``, see
 
 Run (one line each)::
 
-  python benchmarks/accelerator.py                # real sizes on a GPU/TPU (sized for ~5 min on one H100)
-  python benchmarks/accelerator.py --quick        # tiny widths, CPU, ~1 min
-  python benchmarks/accelerator.py --smoke        # smallest, what the tests run
+  python benchmarks/accelerator.py            # real sizes on a GPU or TPU
+  python benchmarks/accelerator.py --quick    # tiny widths, CPU
+  python benchmarks/accelerator.py --smoke    # smallest: what the tests run
+
+The real sizes are meant to take about five minutes on one H100 (not yet run
+on one). ``--quick`` is compile-bound: 66 compiled steps, 28 minutes on 2
+CPU cores shared with other jobs (load 11).
 
 Without ``--quick``/``--smoke`` the sizes follow the backend: real sizes when
-``jax.default_backend() != "cpu"``, the quick ones on a CPU. Results go to
+``jax.default_backend() != "cpu"``, the quick ones on a CPU (``--full``
+forces the real ones there). Results go to
 ``benchmarks/results/accelerator_<backend>[_quick|_smoke].{json,md}`` (the
 JSON names the device). A group of steps that would not fit in device memory
 is split (see :func:`timing_groups`); a step that still runs out of memory is
@@ -285,7 +290,7 @@ SIZES = {
         gpt(32, 8, 8, 1, 2, batch_size=2, scan=scan)],
 }
 # Timing per size: (repeats, shortest timed block in seconds).
-TIMING = {"full": (7, 0.2), "quick": (5, 0.05), "smoke": (1, 0.0)}
+TIMING = {"full": (9, 0.15), "quick": (15, 0.1), "smoke": (1, 0.0)}
 
 # ----------------------------------------------------------------------------
 # optimizers
