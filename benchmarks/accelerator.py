@@ -572,7 +572,7 @@ def _fresh_carry(entry, params, model_state, replicated):
 
 
 def measure_peaks(compiled: list, params, model_state, batch, mesh,
-                  log=print) -> None:
+                  log=print, device=None) -> None:
   """Peak device bytes of each step run alone (GPU/TPU allocators only).
 
   ``memory_stats()["peak_bytes_in_use"]`` is a high-water mark that cannot
@@ -582,7 +582,7 @@ def measure_peaks(compiled: list, params, model_state, batch, mesh,
   not above everything measured before it reads the earlier mark: such a
   value is an upper bound and is flagged (``peak_is_upper_bound``).
   """
-  device = jax.local_devices()[0]
+  device = device or mesh.devices.flat[0]
   if not (device.memory_stats() or {}).get("peak_bytes_in_use"):
     return
   replicated, _ = _placement(mesh)

@@ -11,6 +11,9 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -84,3 +87,61 @@ def test_smoke_run_reports_every_column_data_parallel(tmp_path):
     assert {"SAM / base SGD", "samtx SAM / optax.contrib.sam"} <= labels
   markdown = prefix.with_suffix(".md").read_text()
   assert "## Targets" in markdown and "gpt2_small" in markdown
+
+
+def _fake_compiled(name, fn=None, *, bound=0, state_bytes=0, temp=0):
+  entry = {e.name: e for e in accelerator.entries()}[name]
+  return accelerator.Compiled(entry, fn or (lambda p, c, b: (p, c)), {
+      "state_bytes": state_bytes,
+      "memory": {"live_bytes_bound": bound, "temp_size_in_bytes": temp}})
+
+
+def test_peaks_are_read_one_step_at_a_time_in_ascending_order():
+  """The device's high-water mark cannot be reset: steps run alone, the
+  smallest estimate first, and a step that does not raise the mark is
+  reported as an upper bound (a GPU-only path, driven here by a fake
+  device whose mark each step raises to its scripted peak)."""
+  stats = {"peak_bytes_in_use": 100}
+  order = []
+
+  class Device:
+    def memory_stats(self):
+      return dict(stats)
+
+  def step(name, peak):
+    def fn(params, carry, batch):
+      order.append(name)
+      stats["peak_bytes_in_use"] = max(stats["peak_bytes_in_use"], peak)
+      return params, carry
+    return fn
+
+  compiled = [
+      _fake_compiled(accelerator.SAM, step(accelerator.SAM, 500), bound=300),
+      _fake_compiled(accelerator.SGD, step(accelerator.SGD, 200), bound=100),
+      _fake_compiled("samtx.gsam", step("samtx.gsam", 150), bound=200)]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("batch",))
+  accelerator.measure_peaks(compiled, {"w": jnp.ones(3)}, {}, None, mesh,
+                            log=lambda *a: None, device=Device())
+  assert order == [accelerator.SGD, "samtx.gsam", accelerator.SAM]
+  got = {c.entry.name: (c.record["peak_bytes"], c.record["peak_is_upper_bound"])
+         for c in compiled}
+  assert got == {accelerator.SGD: (200, False), "samtx.gsam": (200, True),
+                 accelerator.SAM: (500, False)}
+
+
+def test_steps_that_do_not_fit_are_timed_in_groups_sharing_a_base():
+  names = [accelerator.SGD, accelerator.CONTRIB_SAM, accelerator.SAM,
+           "optax.adamw", "samtx.msam_adamw", "samtx.lookahead(samtx.sam)"]
+  compiled = [_fake_compiled(n, state_bytes=10, temp=5) for n in names]
+  group_names = lambda groups: sorted(
+      sorted(c.entry.name for c in g) for g in groups)
+  assert group_names(accelerator.timing_groups(compiled, 10, None)) == [
+      sorted(names)]
+  assert group_names(accelerator.timing_groups(compiled, 10, 10**6)) == [
+      sorted(names)]
+  split = [sorted(["optax.adamw", "samtx.msam_adamw"]),
+           sorted([accelerator.SGD, accelerator.CONTRIB_SAM, accelerator.SAM,
+                   "samtx.lookahead(samtx.sam)"])]
+  assert group_names(accelerator.timing_groups(compiled, 10, 100)) == split
+  assert group_names(accelerator.timing_groups(
+      compiled, 10, None, split=True)) == split
