@@ -60,6 +60,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -710,6 +711,17 @@ def model_result(model: Model, compiled: list, times: dict, inners: dict,
 # ----------------------------------------------------------------------------
 
 
+def _cost_ratio(rows: dict, num: str, den, key: str):
+  """``num``'s XLA cost figure over ``den``'s (None where either is missing)."""
+  a = rows.get(num, {}).get("cost", {}).get(key)
+  b = rows.get(den or "", {}).get("cost", {}).get(key)
+  return a / b if a and b else None
+
+
+def _fmt_ratio(x):
+  return "-" if x is None else f"{x:.3f}"
+
+
 def markdown(payload: dict) -> str:
   m = payload["machine"]
   out = [f"# samtx on ResNet, ViT and GPT: step time and memory"
@@ -727,7 +739,10 @@ def markdown(payload: dict) -> str:
          " bytes of the compiled step (`memory_analysis()`), +temp its excess"
          " over the base step's in parameter sizes (target <= 1 for two-pass"
          " steps); peak = device bytes in use while the step runs alone"
-         " (GPU only; <= marks an upper bound).\n\n"]
+         " (GPU only; <= marks an upper bound); XLA flops = the compiled"
+         " step's flops (`cost_analysis()`, deterministic) over the base's,"
+         " counting a loop body once, so the branched steps (a scheduled"
+         " rho, LookSAM) count their second pass.\n\n"]
   header = ["target"] + [r["model"] for r in payload["results"]]
   rows = []
   for label, _, _, target in TARGETS:
@@ -744,6 +759,14 @@ def markdown(payload: dict) -> str:
               if r.get("temp_target_holds") is False]
     temp_row.append("holds" if not misses else "misses: " + ", ".join(misses))
   rows.append(temp_row)
+  cost_row = ["samtx SAM / optax.contrib.sam in XLA flops, bytes"]
+  for result in payload["results"]:
+    rows_ = result["optimizers"]
+    flops = _cost_ratio(rows_, SAM, CONTRIB_SAM, "flops")
+    moved = _cost_ratio(rows_, SAM, CONTRIB_SAM, "bytes_accessed")
+    cost_row.append("n/a" if flops is None or moved is None
+                    else f"{flops:.4f}, {moved:.4f}")
+  rows.append(cost_row)
   out.append("## Targets\n\n")
   out.append(_timing.md_table(header, rows))
   for result in payload["results"]:
@@ -760,6 +783,8 @@ def markdown(payload: dict) -> str:
           f"{vs['ratio']:.3f} ({vs['q25']:.3f}-{vs['q75']:.3f})" if vs else "-",
           "n/a" if r.get("grads_per_step") is None
           else f"{r['grads_per_step']:.2f}",
+          _fmt_ratio(_cost_ratio(result["optimizers"], name, r["base"],
+                                 "flops")),
           f"{r['lower_s']:.1f} + {r['compile_s']:.1f}" if "compile_s" in r
           else "n/a",
           _timing.fmt_bytes(r["state_bytes"]),
@@ -773,8 +798,8 @@ def markdown(payload: dict) -> str:
           r.get("error", "")[:60]])
     out.append(_timing.md_table(
         ["optimizer", "base", "step ms", "/ base (IQR)", "grads/step",
-         "lower + compile s", "state", "temp", "+temp (params)", "peak",
-         "error"], rows))
+         "XLA flops / base", "lower + compile s", "state", "temp",
+         "+temp (params)", "peak", "error"], rows))
   if payload["unbenchmarked"]:
     out.append("\nNot benchmarked (new samtx names this script does not"
                f" know): {', '.join(payload['unbenchmarked'])}.\n")
@@ -815,10 +840,18 @@ def main(argv=None) -> dict:
   parser.add_argument("--memory-fraction", type=float, default=0.6,
                       help="time all steps of a model together only if"
                       " their buffers fit in this fraction of device memory")
+  parser.add_argument("--render", default=None, metavar="JSON",
+                      help="only rewrite the Markdown beside a saved run")
   parser.add_argument("--out", default=None,
                       help="output prefix (default: benchmarks/results/"
                       "accelerator_<backend>[_quick|_smoke])")
   args = parser.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      payload = json.load(f)
+    _timing.write_text(os.path.splitext(args.render)[0] + ".md",
+                       markdown(payload))
+    return payload
   backend = jax.default_backend()
   size = ("smoke" if args.smoke else "quick" if args.quick else "full"
           if args.full or backend != "cpu" else "quick")
