@@ -433,8 +433,8 @@ def _takes_one_argument(fn) -> bool:
   return True
 
 
-def check_grad_fn(grad_fn, who: str) -> None:
-  """Raises unless ``grad_fn`` is a callable taking one argument (params).
+def check_grad_fn(grad_fn, who: str) -> Callable[[Any], Any]:
+  """``grad_fn``, checked: raises unless it is a callable of one argument.
 
   Also checked where a step does not call it (rho = 0), so that a missing or
   misshapen ``grad_fn`` fails the same way whatever ``rho`` is.
@@ -454,6 +454,7 @@ def check_grad_fn(grad_fn, who: str) -> None:
         f" {inspect.signature(grad_fn)}; samtx calls it once per step at the"
         " perturbed point. Adapt an optax.contrib.sam-style grad_fn(params,"
         " i) as grad_fn=lambda p: contrib_grad_fn(p, 0).")
+  return grad_fn
 
 
 def perturbed_gradient(
@@ -470,7 +471,7 @@ def perturbed_gradient(
   The perturbed gradient is averaged over ``axis_name`` (:func:`pmean_varying`)
   when one is given, so every device descends along the same direction.
   """
-  check_grad_fn(grad_fn, who)
+  grad_fn = check_grad_fn(grad_fn, who)
   if params is None:
     raise ValueError(
         f"{who}.update needs params: the perturbation is applied to them.")
