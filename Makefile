@@ -17,7 +17,7 @@ DOCS_STAMP := $(VENV)/.docs-stamp
 LINT_STAMP := $(VENV)/.lint-stamp
 SPHINXOPTS ?= -j 1 -W --keep-going
 
-.PHONY: install test test-fast demo bench-quick docs lint typecheck wheel-smoke clean
+.PHONY: install test test-fast demo bench-quick bench-accelerator-quick docs lint typecheck wheel-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ wheel-smoke: $(LINT_STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py --quick
 	$(BIN)/python benchmarks/linear_speedup.py --quick
+
+# Every optimizer on ResNet/ViT/GPT at tiny widths; CI runs it (results go
+# to a scratch directory, so CI leaves the committed results alone).
+bench-accelerator-quick: $(STAMP)
+	$(BIN)/python benchmarks/accelerator.py --quick --out "$$(mktemp -d)/accelerator_quick"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache docs/_build docs/examples dist build

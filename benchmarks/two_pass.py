@@ -15,6 +15,13 @@ with the base step (limit ``1 + 1/k = 1.2``); every timed block is a whole
 number of LookSAM cycles. ``looksam(reuse steps)`` times its steps without
 a second pass alone (``k = 2**30``; the one second pass is a warm-up step).
 
+``samtx.sam [rho schedule at 0]`` is SAM with a rho schedule that is
+still 0 on every timed step (SAM late in training): its steps skip the
+second pass, and its ratio to the base SGD step is what such a step costs
+(target 1.05). ``samtx.sam [rho schedule past 0]`` is the same schedule
+past its switch: the second pass inside the once-or-never loop, against the
+plain ``samtx.sam`` step (target 1.0).
+
 Rows named ``floor: ...`` are hand-fused steps of the same maths in plain
 ``jax.numpy`` (one function, no optax chain, no tree bookkeeping): what the
 fewest passes over memory XLA can fuse the rule into cost. Each floor is
@@ -30,6 +37,9 @@ Run::
   .venv/bin/python benchmarks/two_pass.py            # ~3 min on 2 CPU cores
   .venv/bin/python benchmarks/two_pass.py --quick    # ~1 min
   .venv/bin/python benchmarks/two_pass.py --profile  # + device ms per op kind
+  .venv/bin/python benchmarks/two_pass.py --only \
+      "samtx.sam [rho schedule at 0],samtx.sam [rho schedule past 0]" \
+      --out benchmarks/results/two_pass_rho_zero_cpu
 
 Results go to ``benchmarks/results/two_pass_<backend>[_quick].{json,md}``.
 """
@@ -80,7 +90,26 @@ def optimizers() -> dict:
       # reusing step alone, against the base step.
       "samtx.looksam(reuse steps)": (
           samtx.looksam(LR, RHO, k=2**30, **sgd_m), two),
+      # A scheduled rho (SAM late in training): steps before the switch
+      # skip the second pass (against the base step), steps after it take
+      # it inside the once-or-never loop (against samtx.sam).
+      SCHEDULED_ZERO: (samtx.sam(LR, zero_then_rho(2**30), **sgd_m), two),
+      SCHEDULED_RHO: (samtx.sam(LR, zero_then_rho(0), **sgd_m), two),
   }
+
+
+SCHEDULED_ZERO = "samtx.sam [rho schedule at 0]"
+SCHEDULED_RHO = "samtx.sam [rho schedule past 0]"
+
+
+def zero_then_rho(switch: int):
+  """rho = 0 before step ``switch``, then RHO (SAM late in training).
+
+  The radius depends on the step count at run time, so the compiled step
+  keeps both branches whichever side of the switch it is timed on.
+  """
+  return optax.join_schedules(
+      [optax.constant_schedule(0.0), optax.constant_schedule(RHO)], [switch])
 
 
 # ----------------------------------------------------------------------------

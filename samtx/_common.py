@@ -361,6 +361,16 @@ def is_static_zero(value) -> bool:
     return False
 
 
+def is_known_at_trace_time(value) -> bool:
+  """True for a number or concrete array; False for a schedule or a tracer.
+
+  A schedule's value changes from step to step, and a traced value (what
+  ``optax.inject_hyperparams`` passes) is only known when the step runs, so
+  code that depends on such a value must branch inside the compiled program.
+  """
+  return not (callable(value) or _is_traced(value))
+
+
 def value_at(hyper_parameter: ScalarOrSchedule, count: jax.Array):
   """A hyper-parameter's value at step ``count`` (schedules are called)."""
   if callable(hyper_parameter):
@@ -423,19 +433,11 @@ def _takes_one_argument(fn) -> bool:
   return True
 
 
-def perturbed_gradient(
-    grad_fn: Optional[Callable[[Any], Any]],
-    params,
-    perturbation,
-    grads,
-    *,
-    axis_name: Optional[str],
-    who: str,
-):
-  """Returns ``grad_fn(params + perturbation)``, checked and cast like grads.
+def check_grad_fn(grad_fn, who: str) -> Callable[[Any], Any]:
+  """``grad_fn``, checked: raises unless it is a callable of one argument.
 
-  The perturbed gradient is averaged over ``axis_name`` (:func:`pmean_varying`)
-  when one is given, so every device descends along the same direction.
+  Also checked where a step does not call it (rho = 0), so that a missing or
+  misshapen ``grad_fn`` fails the same way whatever ``rho`` is.
   """
   if grad_fn is None:
     raise TypeError(
@@ -452,6 +454,24 @@ def perturbed_gradient(
         f" {inspect.signature(grad_fn)}; samtx calls it once per step at the"
         " perturbed point. Adapt an optax.contrib.sam-style grad_fn(params,"
         " i) as grad_fn=lambda p: contrib_grad_fn(p, 0).")
+  return grad_fn
+
+
+def perturbed_gradient(
+    grad_fn: Optional[Callable[[Any], Any]],
+    params,
+    perturbation,
+    grads,
+    *,
+    axis_name: Optional[str],
+    who: str,
+):
+  """Returns ``grad_fn(params + perturbation)``, checked and cast like grads.
+
+  The perturbed gradient is averaged over ``axis_name`` (:func:`pmean_varying`)
+  when one is given, so every device descends along the same direction.
+  """
+  grad_fn = check_grad_fn(grad_fn, who)
   if params is None:
     raise ValueError(
         f"{who}.update needs params: the perturbation is applied to them.")

@@ -78,7 +78,8 @@ def sam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule; run-time negatives are
-      clamped to 0 (see :func:`samtx.sam_perturbation`).
+      clamped to 0, and where a schedule (or an injected ``rho``) is 0
+      the step skips ``grad_fn`` (see :func:`samtx.sam_perturbation`).
     normalize: divide the ascent step by its norm; ``False`` gives
       unnormalized SAM (``e = rho g``, ASAM: ``rho T^2 g``).
     momentum: SGD momentum ``mu`` in ``[0, 1)``; ``None`` (or 0) keeps no
@@ -193,7 +194,8 @@ def adasam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule; run-time negatives are
-      clamped to 0 (see :func:`samtx.sam_perturbation`).
+      clamped to 0, and where a schedule (or an injected ``rho``) is 0
+      the step skips ``grad_fn`` (see :func:`samtx.sam_perturbation`).
     b1: first-moment decay in ``[0, 1)``.
     b2: second-moment decay in ``[0, 1)``.
     eps: ``> 0``, the AMSGrad epsilon (``vhat`` starts at ``eps**2``).
@@ -249,7 +251,8 @@ def lightsam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule; run-time negatives are
-      clamped to 0 (see :func:`samtx.sam_perturbation`).
+      clamped to 0, and where a schedule (or an injected ``rho``) is 0
+      the step skips ``grad_fn`` (see :func:`samtx.sam_perturbation`).
     variant: ``"adagrad_norm"`` (I), ``"adagrad"`` (II) or ``"adam"`` (III).
     b1: first-moment decay of the ``"adam"`` variant.
     b2: second-moment decay of the ``"adam"`` variant.
@@ -312,7 +315,8 @@ def gsam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule; run-time negatives are
-      clamped to 0 (see :func:`samtx.sam_perturbation`).
+      clamped to 0, and where a schedule (or an injected ``rho``) is 0
+      the step skips ``grad_fn`` (see :func:`samtx.sam_perturbation`).
     alpha: ``>= 0``, the weight of the surrogate-gap ascent.
     adaptive: ASAM's ascent point.
     momentum: SGD momentum in ``[0, 1)``; ``None`` (or 0) keeps no momentum
@@ -365,7 +369,8 @@ def wsam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule; run-time negatives are
-      clamped to 0 (see :func:`samtx.sam_perturbation`).
+      clamped to 0, and where a schedule (or an injected ``rho``) is 0
+      the step skips ``grad_fn`` (see :func:`samtx.sam_perturbation`).
     gamma: sharpness weight in ``[0, 1)`` (0.5 is SAM).
     adaptive: ASAM's ascent point.
     momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
@@ -415,7 +420,8 @@ def friendly_sam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule; run-time negatives are
-      clamped to 0 (see :func:`samtx.sam_perturbation`).
+      clamped to 0, and where a schedule (or an injected ``rho``) is 0
+      the step skips ``grad_fn`` (see :func:`samtx.sam_perturbation`).
     sigma: ``>= 0``, how much of the gradient's running mean to remove.
     lmbda: decay of the running mean, in ``[0, 1)``.
     adaptive: ASAM's scaling of the ascent direction.
@@ -465,7 +471,8 @@ def looksam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule; run-time negatives are
-      clamped to 0 (see :func:`samtx.sam_perturbation`).
+      clamped to 0, and where a schedule (or an injected ``rho``) is 0
+      the step skips ``grad_fn`` (see :func:`samtx.sam_perturbation`).
     k: second gradient every ``k`` steps, an int ``>= 1``.
     alpha: ``>= 0``, the weight of the reused direction; set it near SAM's
       own ``n(g_v)/n(g)`` (e.g. 0.1) rather than the default 0.7, which

@@ -4,9 +4,10 @@ Each transform sits first in an ``optax.chain``. Its ``update`` receives the
 gradient ``g`` at ``params``, builds a perturbation ``e``, calls the
 keyword-only ``grad_fn(params + e)`` exactly once and passes that perturbed
 gradient ``h`` -- or, for GSAM, WSAM and LookSAM, a combination of ``g`` and
-``h`` -- downstream. LookSAM calls ``grad_fn`` only every ``k``-th step. No
-copy of the parameters is kept between steps; Friendly-SAM and LookSAM keep
-the one parameter-sized buffer their rule needs. FGSAM builds ``e`` from the
+``h`` -- downstream. LookSAM calls ``grad_fn`` only every ``k``-th step, and no
+transform calls it on steps where ``rho`` is 0. No copy of the parameters is
+kept between steps; Friendly-SAM and LookSAM keep the one parameter-sized
+buffer their rule needs. FGSAM builds ``e`` from the
 gradient of one loss and evaluates ``grad_fn`` for another loss that shares
 the weights.
 """
@@ -111,6 +112,7 @@ def _two_pass(
     combine: CombineRule = _pass_through,
     reuse: Optional[ReuseRule] = None,
     every=None,
+    at_rho_zero: Optional[Callable[[Any], Any]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a two-pass transform from its rules (the shared bookkeeping).
 
@@ -120,8 +122,23 @@ def _two_pass(
   ``combine(g, h, inner, rho_t)``. With ``every`` (a positive integer) and
   ``reuse``, only steps with ``count % every == 0`` take the second pass; the
   others return ``g + c d`` with ``(c, d) = reuse(g, inner, rho_t)``, and the
-  compiled step really skips ``grad_fn`` (LookSAM, see
-  :func:`_every_kth_second_pass`).
+  compiled step really skips ``grad_fn`` (LookSAM: the second pass runs in a
+  loop that runs once or never, :func:`_once_or_never`).
+
+  **No second pass at rho = 0.** A step with ``rho_t == 0`` does not
+  evaluate ``grad_fn``: it takes ``h = g`` (what ``grad_fn`` returns at
+  ``params + 0`` when it is the gradient of the loss that gave ``g``), so
+  the output is ``g`` itself, the reported perturbation norm is 0, and the
+  rule's state is what ``at_rho_zero(inner)`` gives (LookSAM's zero
+  ``g_v``), or by default what ``ascent`` leaves when it runs on ``g``
+  (LightSAM's accumulators, Friendly-SAM's running mean). ``combine`` is
+  therefore only called where ``rho_t > 0``. A ``rho`` that is a number
+  compiles to one kind of step, with no branch: the plain step, or at 0 the
+  base optimizer's (``grad_fn`` is checked, not called). A schedule or a
+  traced value (``optax.inject_hyperparams``) branches in once-or-never
+  loops, one for the second pass and one for the state at ``rho_t == 0``
+  (left out when the rule has no state of its own), so neither kind of step
+  computes the other's work.
 
   The output is cast to the gradient's dtypes and, with ``axis_name``,
   averaged over that axis last: each device applies the rule to its own
@@ -153,8 +170,12 @@ def _two_pass(
     rho_t = _common.rho_at(rho, state.count)
     norm_dtype = state.perturbation_norm.dtype
 
-    def second_pass(grads):
-      perturbation, norm, inner = ascent(grads, state.inner, params, rho_t,
+    # Both passes map the carry (g, norm, inner) of the loop they may run in
+    # to the step's (output, norm, inner), reading g and the rule's state
+    # from it, not from outside: inside a loop it is the carried buffer.
+    def second_pass(values):
+      grads, _, inner = values
+      perturbation, norm, inner = ascent(grads, inner, params, rho_t,
                                          state.count)
       # A g that is the same on every device means one global perturbation:
       # the rule then takes the global h too (averaged here unless the
@@ -165,16 +186,48 @@ def _two_pass(
           grad_fn, params, perturbation, grads,
           axis_name=axis_name if global_perturbation else None, who=who)
       output, inner = combine(grads, perturbed, inner, rho_t)
-      return (_common.cast_like(output, grads),
-              jnp.asarray(norm, norm_dtype),
+      norm = jnp.asarray(norm, norm_dtype)
+      if reuse is not None and axis_name is not None:
+        # Reusing steps carry the replicated norm of the state through.
+        norm = _common.pmean_varying(norm, axis_name)
+      return (_common.cast_like(output, grads), norm,
+              _common.cast_like(inner, state.inner))
+
+    def rho_zero_pass(values):
+      grads, _, inner = values
+      if at_rho_zero is None:
+        _, _, inner = ascent(grads, inner, params, rho_t, state.count)
+      else:
+        inner = at_rho_zero(inner)
+      return (grads, jnp.zeros([], norm_dtype),
               _common.cast_like(inner, state.inner))
 
     if reuse is None:
-      output, norm, inner = second_pass(updates)
+      take_second_pass = True
+      values = (updates, jnp.zeros([], norm_dtype), state.inner)
     else:
-      output, norm, inner = _every_kth_second_pass(
-          state.count % every == 0, second_pass, reuse, updates, state,
-          rho_t, axis_name, _common.value_recorder(grad_fn))
+      take_second_pass = state.count % every == 0
+      values = (updates, state.perturbation_norm, state.inner)
+    scheduled = not _common.is_known_at_trace_time(rho)
+    if _common.is_static_zero(rho):
+      _common.check_grad_fn(grad_fn, who)
+      output, norm, inner = rho_zero_pass(values)
+    elif reuse is None and not scheduled:
+      output, norm, inner = second_pass(values)
+    else:
+      rho_is_zero = jnp.asarray(rho_t) == 0
+      values = _once_or_never(
+          jnp.logical_and(take_second_pass, jnp.logical_not(rho_is_zero))
+          if scheduled else take_second_pass,
+          second_pass, values, recorder=_common.value_recorder(grad_fn))
+      # A rule without state of its own, whose loop starts from a zero norm,
+      # already holds what a rho = 0 step gives: (g, 0, state).
+      if scheduled and (reuse is not None or jax.tree.leaves(state.inner)):
+        values = _once_or_never(jnp.logical_and(take_second_pass, rho_is_zero),
+                                rho_zero_pass, values)
+      output, norm, inner = values
+      if reuse is not None:
+        output = _reused_between(take_second_pass, output, inner, reuse, rho_t)
     if axis_name is not None:
       output = _common.pmean_varying(output, axis_name)
     return output, PerturbationState(
@@ -184,71 +237,84 @@ def _two_pass(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _every_kth_second_pass(take_second_pass, second_pass, reuse, grads,
-                           state, rho_t, axis_name, recorder=None):
-  """``second_pass(g)`` when ``take_second_pass``, else ``g + c d``.
+def _reused_between(take_second_pass, output, inner, reuse, rho_t):
+  """``output`` on second-pass steps, else ``g + c d``, ``(c, d) = reuse(...)``.
 
-  ``(c, d) = reuse(g, inner, rho_t)``. The branch is a ``while_loop`` that
-  runs its body once or not at all, not a ``jax.lax.cond``: a loop updates
-  its carried buffers in place, so on reusing steps ``g`` and the state pass
-  through untouched, and ``g + c d`` is formed after the loop, where XLA
-  fuses it into the downstream update. A cond instead writes ``g + c d``
-  out from its branch and the update reads it back, or, if the branch only
-  passes ``g`` and the state through, copies them (XLA:CPU, jax 0.10): a
-  reusing step then costs 1.08-1.10x the base optimizer's step, against
-  1.02-1.06x with the loop (paired runs of ``benchmarks/two_pass.py``). The
-  reused output is computed from the loop's outputs (on a reusing step,
-  ``g`` and the old state), so nothing the loop carries is read again after
-  it. With ``axis_name`` the reported perturbation norm is averaged over the
-  axis, so that it is replicated like the rest of the state.
-
-  A value ``grad_fn`` records (``recorder``, see
-  :func:`samtx._common.value_recorder`: ``samtx.flax``'s perturbed loss)
-  belongs to the loop body's trace; the loop carries it out (zeros on a
-  reusing step) and it is recorded again after the loop, with the flag.
+  On a reusing step the loops left ``g`` and the old state in place, and
+  ``g + c d`` is formed here, after them, where XLA fuses it into the
+  downstream update; it is computed from the loops' outputs, so nothing the
+  loops carry is read again after them.
   """
-  def recorded():
-    return () if recorder is None else recorder.latest()
-
-  def body(g):
-    output, norm, inner = second_pass(g)
-    if axis_name is not None:
-      norm = _common.pmean_varying(norm, axis_name)
-    return output, norm, inner, recorded()
-
-  body_shapes = jax.eval_shape(body, grads)
-  nothing_recorded = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                  body_shapes[3])
-
-  def skip():
-    return grads, state.perturbation_norm, state.inner, nothing_recorded
-
-  # Inside shard_map the second pass's results vary over the data axis
-  # (local g and h) while a reused state is replicated: the carry takes the
-  # union of both, and the body, which reads g from the carry, is typed
-  # again with that g until nothing changes (the sets only grow, and the
-  # mesh has finitely many axes).
-  varying = _union_of_varying(body_shapes, jax.eval_shape(skip))
-  typed_as = [_common.varying_axes(g) for g in jax.tree.leaves(grads)]
-  while jax.tree.leaves(varying[0]) != typed_as:
-    typed_as = jax.tree.leaves(varying[0])
-    typed_g = jax.eval_shape(lambda: _vary_over(grads, varying[0]))
-    varying = _union_of_varying(varying, jax.eval_shape(body, typed_g))
-  # The flag varies where the step count does (a per-device state).
-  run_body = jnp.asarray(take_second_pass)
-  done = _vary_over(jnp.zeros([], bool), _common.varying_axes(run_body))
-  _, (output, norm, inner, value) = jax.lax.while_loop(
-      lambda carry: carry[0],
-      lambda carry: (done, _vary_over(body(carry[1][0]), varying)),
-      (run_body, _vary_over(skip(), varying)))
-  if recorder is not None:
-    recorder.record(value, taken=run_body)
   coefficient, direction = reuse(output, inner, rho_t)
   return jax.tree.map(
       lambda out, d: jnp.where(
           take_second_pass, out,
           (out.astype(d.dtype) + coefficient * d).astype(out.dtype)),
-      output, direction), norm, inner
+      output, direction)
+
+
+def _once_or_never(run, body, initial, *, recorder=None):
+  """``body(initial)`` if ``run`` else ``initial``, without copying ``initial``.
+
+  A ``jax.lax.while_loop`` whose body runs once or not at all, not a
+  ``jax.lax.cond``: a loop updates its carried buffers in place, so when the
+  body does not run (LookSAM's reusing steps, rho = 0 steps) ``g`` and the
+  state pass through untouched. A cond instead writes its result out from
+  its branch and the update reads it back, or, if the branch only passes
+  ``g`` and the state through, copies them (XLA:CPU, jax 0.10): a LookSAM
+  reusing step then costs 1.08-1.10x the base optimizer's step, against
+  1.02-1.06x with the loop (paired runs of ``benchmarks/two_pass.py``).
+  ``body`` must read everything it overwrites from its argument (the
+  carry), not from outside the loop, or XLA copies those buffers to keep
+  the outside value alive. The flag varies where ``run`` does (e.g. a
+  per-device step count inside ``shard_map``).
+
+  A value that ``grad_fn`` records (``recorder``, see
+  :func:`samtx._common.value_recorder`: ``samtx.flax``'s perturbed loss)
+  belongs to the body's trace: the loop carries it out (zeros where the body
+  does not run) and it is recorded again after the loop, with ``run`` as
+  the flag saying whether it was computed.
+  """
+  first = None
+  if recorder is not None:
+    loop_body = body
+    body = lambda carry: (loop_body(carry[0]), recorder.latest())
+    first = jax.eval_shape(body, (initial, None))
+    initial = (initial, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                     first[1]))
+  varying = _carry_typing(body, initial, first)
+  run = jnp.asarray(run)
+  done = _vary_over(jnp.zeros([], bool), _common.varying_axes(run))
+  _, values = jax.lax.while_loop(
+      lambda carry: carry[0],
+      lambda carry: (done, _vary_over(body(carry[1]), varying)),
+      (run, _vary_over(initial, varying)))
+  if recorder is None:
+    return values
+  values, recorded = values
+  recorder.record(recorded, taken=run)
+  return values
+
+
+def _carry_typing(body, initial, first=None):
+  """The mesh axes each leaf of a loop's carry must vary over.
+
+  Inside ``shard_map`` the body's results may vary over more axes than
+  ``initial`` (local ``g`` and ``h`` against a replicated state): the carry
+  takes the union of both, and the body, which reads the carry, is typed
+  again with that carry until nothing changes (the sets only grow, and the
+  mesh has finitely many axes). ``first`` is ``body``'s output shapes on
+  ``initial`` where already known. Outside ``shard_map`` every set is empty.
+  """
+  if first is None:
+    first = jax.eval_shape(body, initial)
+  typed_as = jax.tree.leaves(_union_of_varying(initial, initial))
+  varying = _union_of_varying(first, initial)
+  while jax.tree.leaves(varying) != typed_as:
+    typed_as = jax.tree.leaves(varying)
+    typed = jax.eval_shape(lambda: _vary_over(initial, varying))
+    varying = _union_of_varying(varying, jax.eval_shape(body, typed))
+  return varying
 
 
 def _union_of_varying(a, b):
@@ -337,11 +403,17 @@ def sam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
-      ``rho=0`` reproduces the base optimizer exactly. A negative value is
-      rejected at construction; one that only appears at run time (a
-      schedule's value, or a value ``optax.inject_hyperparams`` passes
-      under ``jax.jit``) cannot raise and is clamped,
-      ``rho_t = max(rho_t, 0)``, as in every samtx transform taking rho.
+      ``rho=0`` reproduces the base optimizer exactly: a step where ``rho``
+      is 0 skips the second pass (``grad_fn`` is not evaluated, the output
+      is ``g`` and the step costs one gradient), also where a schedule or a
+      traced array (what ``optax.inject_hyperparams`` passes) is 0, e.g. a
+      schedule that is 0 early in training and ``rho`` late. A negative
+      value is rejected at construction; one that only appears at run time
+      cannot raise and is clamped, ``rho_t = max(rho_t, 0)``, as in every
+      samtx transform taking rho. A number compiles to one kind of step,
+      with no branch; a schedule or a traced ``rho`` branches in loops that
+      run once or never: ``jax.jvp`` and ``jax.vmap`` go through
+      ``update``, reverse-mode ``jax.grad`` does not (JAX refuses it).
     normalize: divide the ascent step by its norm (SAM, ASAM); ``False``
       gives unnormalized SAM, ``e = rho g``.
     adaptive: ASAM's scale-invariant ball.
@@ -426,7 +498,9 @@ def lightsam_perturbation(
 
   Args:
     rho: ``>= 0``, a float or an optax schedule of the step count.
-      Run-time negatives are clamped to 0 (see :func:`sam_perturbation`).
+      Run-time negatives are clamped to 0, and a step where ``rho`` is 0
+      skips ``grad_fn`` (see :func:`sam_perturbation`); the ascent
+      accumulators are still updated from ``g`` there, as at ``rho = 0``.
     variant: ``"adagrad_norm"``, ``"adagrad"`` or ``"adam"``.
     b1: first-moment decay of the ``"adam"`` variant, in ``[0, 1)``.
     b2: second-moment decay of the ``"adam"`` variant, in ``[0, 1)``.
@@ -498,17 +572,6 @@ def _norms_and_cosine(grads, perturbed, eps, norm_axis_name):
   return g_norm, h_norm, inner_product / (g_norm * h_norm + eps)
 
 
-def _only_when_perturbed(rho_t, value):
-  """``value`` where ``rho_t > 0``, exactly 0 at ``rho_t = 0``.
-
-  At ``rho = 0`` the perturbed gradient is ``g`` itself and the family's
-  correction terms vanish in exact arithmetic but not in floating point;
-  zeroing their coefficient makes ``rho = 0`` reproduce the base optimizer
-  bit for bit.
-  """
-  return jnp.where(jnp.asarray(rho_t) > 0, value, jnp.zeros_like(value))
-
-
 def gsam_perturbation(
     rho,
     *,
@@ -536,9 +599,9 @@ def gsam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
-      ``rho=0`` reproduces the base optimizer exactly (``g_perp`` is then
-      taken to be exactly 0). Run-time negatives are clamped to 0 (see
-      :func:`sam_perturbation`).
+      Run-time negatives are clamped to 0; a step where ``rho`` is 0 skips
+      ``grad_fn`` and outputs ``g``, so ``rho=0`` reproduces the base
+      optimizer exactly (see :func:`sam_perturbation`).
     alpha: ``>= 0``, the weight of the surrogate-gap ascent.
     adaptive: ASAM's ascent point (``T = |x|``, the PyTorch
       ``adaptive=True`` mode).
@@ -579,8 +642,9 @@ def gsam_perturbation(
   def combine(grads, perturbed, inner, rho_t):
     g, h = _common.to_stat(grads), _common.to_stat(perturbed)
     g_norm, h_norm, cos = _norms_and_cosine(g, h, eps, norm_axis_name)
+    del rho_t
     along_h = cos * g_norm / (h_norm + eps)
-    weight = _only_when_perturbed(rho_t, jnp.asarray(alpha, along_h.dtype))
+    weight = jnp.asarray(alpha, along_h.dtype)
     output = jax.tree.map(lambda gx, hx: hx - weight * (gx - along_h * hx),
                           g, h)
     return output, inner
@@ -609,12 +673,13 @@ def wsam_perturbation(
 
   the gradient of :math:`f(x) + a\,[f(x+e) - f(x)]`: ``gamma=0`` is plain
   gradient descent, ``gamma=0.5`` is SAM, larger ``gamma`` weighs the
-  sharpness more. It is evaluated in the second form, so ``rho=0``
-  (``h = g``) returns ``g`` bit for bit. No parameter-sized state.
+  sharpness more. It is evaluated in the second form, which is ``g`` bit
+  for bit where ``h = g``. No parameter-sized state.
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
-      Run-time negatives are clamped to 0 (see :func:`sam_perturbation`).
+      Run-time negatives are clamped to 0, and a step where ``rho`` is 0
+      skips ``grad_fn`` and outputs ``g`` (see :func:`sam_perturbation`).
     gamma: sharpness weight in ``[0, 1)``.
     adaptive: ASAM's ascent point (``T = |x|``).
     eps: ``> 0``, keeps a zero gradient finite.
@@ -697,7 +762,9 @@ def friendly_sam_perturbation(
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
       ``rho=0`` reproduces the base optimizer exactly. Run-time negatives
-      are clamped to 0 (see :func:`sam_perturbation`).
+      are clamped to 0, and a step where ``rho`` is 0 skips ``grad_fn``
+      (see :func:`sam_perturbation`); ``m`` is still updated from ``g``
+      there.
     sigma: ``>= 0``, how much of the running mean to remove.
     lmbda: decay of the running mean, in ``[0, 1)``.
     adaptive: ASAM's scaling of the ascent direction (``T = |x|``).
@@ -822,8 +889,9 @@ def looksam_perturbation(
   uses per-tensor norms (identical on a one-tensor model, and alike in
   training).
 
-  With ``rho = 0``, ``g_v`` would be rounding noise rescaled to ``n(g)``; it is
-  taken to be exactly 0, so the base optimizer is reproduced. State: one
+  With ``rho = 0``, ``g_v`` would be rounding noise rescaled to ``n(g)``; a
+  step at ``rho = 0`` skips ``grad_fn`` and stores exactly 0, so the base
+  optimizer is reproduced. State: one
   parameter-sized buffer ``g_v`` and its norm (:class:`LookSAMState`);
   ``perturbation_norm`` reports the last perturbation actually evaluated.
   That loop (a ``jax.lax.while_loop``, which keeps ``g`` and the state in
@@ -833,7 +901,9 @@ def looksam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
-      Run-time negatives are clamped to 0 (see :func:`sam_perturbation`).
+      Run-time negatives are clamped to 0. A ``k``-th step where ``rho`` is
+      0 skips ``grad_fn`` too (see :func:`sam_perturbation`): it returns
+      ``g`` and stores ``g_v = 0``.
     k: take the second gradient every ``k`` steps, an int ``>= 1``
       (``k=1`` is SAM).
     alpha: ``>= 0``, the weight of the reused direction (see above: near
@@ -880,12 +950,11 @@ def looksam_perturbation(
         g_v_norm=jnp.zeros([], _common.tree_stat_dtype(params)))
 
   def combine(grads, perturbed, inner, rho_t):
-    del inner
+    del inner, rho_t
     g, h = _common.to_stat(grads), _common.to_stat(perturbed)
     g_norm, h_norm, cos = _norms_and_cosine(g, h, eps, norm_axis_name)
-    keep = _only_when_perturbed(rho_t, jnp.ones([], g_norm.dtype))
-    along_g = keep * h_norm * cos / (g_norm + eps)
-    g_v = jax.tree.map(lambda gx, hx: keep * hx - along_g * gx, g, h)
+    along_g = h_norm * cos / (g_norm + eps)
+    g_v = jax.tree.map(lambda gx, hx: hx - along_g * gx, g, h)
     if axis_name is not None:
       # One direction for all devices, and the norm of that direction: the
       # reuse rule assumes n(g_v) is the length of the g_v it adds.
@@ -901,7 +970,19 @@ def looksam_perturbation(
     return alpha * g_norm / (inner.g_v_norm + eps), inner.g_v
 
   return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
-                   combine=combine, reuse=reuse, every=k)
+                   combine=combine, reuse=reuse, every=k,
+                   at_rho_zero=_no_stored_direction)
+
+
+def _no_stored_direction(inner: LookSAMState) -> LookSAMState:
+  """LookSAM's (and FGSAM+'s) state after a step at ``rho = 0``: ``g_v = 0``.
+
+  With ``h = g`` the part of ``h`` orthogonal to ``g`` is 0 in exact
+  arithmetic but rounding noise in floating point, which the reusing steps
+  would rescale to ``alpha n(g)``; storing exactly 0 keeps them at ``g``.
+  """
+  return LookSAMState(g_v=jax.tree.map(jnp.zeros_like, inner.g_v),
+                      g_v_norm=jnp.zeros_like(inner.g_v_norm))
 
 
 # ----------------------------------------------------------------------------
@@ -946,9 +1027,10 @@ def fgsam_perturbation(
   topology at no extra cost. A step costs one graph-network pass plus one
   MLP pass, against SAM's two graph-network passes.
 
-  ``rho = 0`` switches the peer term off with the perturbation: the output
-  is ``g`` exactly, so the base optimizer is reproduced bit for bit, as with
-  every samtx perturbation (the paper's rule tends to
+  ``rho = 0`` switches the peer term off with the perturbation: the step
+  skips ``grad_fn`` and the output is ``g`` exactly, so the base optimizer
+  is reproduced bit for bit, as with every samtx perturbation (also where a
+  schedule or an injected ``rho`` is 0; the paper's rule tends to
   ``lam grad L_X(x) + (1 - lam) g`` as ``rho -> 0+``; it is discontinuous at
   0 by this convention). No parameter-sized state.
 
@@ -957,6 +1039,7 @@ def fgsam_perturbation(
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
+      Run-time negatives are clamped to 0 (see :func:`sam_perturbation`).
     lam: weight of the peer gradient ``h``, in ``[0, 1]`` (``lam = 0`` is
       the base optimizer on ``g``; ``grad_fn`` is still evaluated).
     eps: ``> 0``, keeps a zero gradient finite.
@@ -991,19 +1074,17 @@ def fgsam_perturbation(
                        norm_axis_name=norm_axis_name)
 
   def combine(grads, perturbed, inner, rho_t):
+    del rho_t  # > 0 here: a step at rho = 0 outputs g without grad_fn
     g, h = _common.to_stat(grads), _common.to_stat(perturbed)
-    perturbed_step = jnp.asarray(rho_t) > 0
-    output = jax.tree.map(
-        lambda gx, hx: jnp.where(perturbed_step, lam * hx + (1 - lam) * gx,
-                                 gx), g, h)
+    output = jax.tree.map(lambda gx, hx: lam * hx + (1 - lam) * gx, g, h)
     return output, inner
 
   return _two_pass(who, rho, axis_name, lambda params: optax.EmptyState(),
                    ascent, norm_axis_name, combine=combine)
 
 
-def _gradient_of(fn, params, like, who: str, name: str):
-  """``fn(params)``, checked to be a gradient tree like ``like``, cast to it."""
+def _check_gradient_fn(fn, who: str, name: str) -> None:
+  """Raises unless ``fn`` (an extra gradient function) is given, callable."""
   if fn is None:
     raise TypeError(
         f"{who}.update needs the keyword-only argument {name}: a function"
@@ -1011,6 +1092,10 @@ def _gradient_of(fn, params, like, who: str, name: str):
         f" state, params, grad_fn=peer_grad, {name}=graph_grad).")
   if not callable(fn):
     raise TypeError(f"{who}: {name} must be callable, got {fn!r}.")
+
+
+def _gradient_of(fn, params, like, who: str, name: str):
+  """``fn(params)``, checked to be a gradient tree like ``like``, cast to it."""
   out = fn(params)
   expected: Any = jax.tree.structure(like)
   got = jax.tree.structure(out)
@@ -1058,12 +1143,14 @@ def fgsam_plus_perturbation(
   step than the base optimizer on the graph network. Norms are global
   (samtx's LookSAM convention); the official code uses per-tensor norms.
   ``rho = 0`` reproduces the base optimizer on the given (MLP) gradient
-  exactly (``g_v`` is then 0). State: one parameter-sized buffer ``g_v`` and
-  its norm (:class:`LookSAMState`).
+  exactly: a step at ``rho = 0`` evaluates neither ``graph_grad_fn`` nor
+  ``grad_fn`` and stores ``g_v = 0``. State: one parameter-sized buffer
+  ``g_v`` and its norm (:class:`LookSAMState`).
 
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count
-      (the official code's FGSAM+ default is 0.1).
+      (the official code's FGSAM+ default is 0.1). Run-time negatives are
+      clamped to 0 (see :func:`sam_perturbation`).
     k: an FGSAM step every ``k`` steps, an int ``>= 1`` (``k=1``: FGSAM on
       every step, with the MLP gradient only used to build ``g_v``).
     alpha: ``>= 0``, the weight of the reused direction.
@@ -1130,26 +1217,27 @@ def fgsam_plus_perturbation(
       return perturbation, norm, inner._replace(g_v=g_graph)
 
     def combine(grads, perturbed, inner, rho_t):
+      del rho_t  # > 0 here: a step at rho = 0 stores g_v = 0 instead
       m, g_graph = _common.to_stat(grads), inner.g_v
       h = _common.to_stat(perturbed)
-      keep = _only_when_perturbed(rho_t, jnp.ones([], inner.g_v_norm.dtype))
-      g_s = jax.tree.map(
-          lambda mx, gx, hx: jnp.where(keep > 0, lam * hx + (1 - lam) * gx,
-                                       mx), m, g_graph, h)
+      g_s = jax.tree.map(lambda gx, hx: lam * hx + (1 - lam) * gx, g_graph, h)
       m_norm, s_norm, cos = _norms_and_cosine(m, g_s, eps, norm_axis_name)
-      along_m = keep * s_norm * cos / (m_norm + eps)
-      g_v = jax.tree.map(lambda sx, mx: keep * sx - along_m * mx, g_s, m)
+      along_m = s_norm * cos / (m_norm + eps)
+      g_v = jax.tree.map(lambda sx, mx: sx - along_m * mx, g_s, m)
       if axis_name is not None:
-        g_v = jax.lax.pmean(g_v, axis_name)
+        g_v = _common.pmean_varying(g_v, axis_name)
       return g_s, LookSAMState(
           g_v=g_v, g_v_norm=_common.global_norm(g_v, m_norm.dtype,
                                                 norm_axis_name))
 
     return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
-                     combine=combine, reuse=reuse, every=k)
+                     combine=combine, reuse=reuse, every=k,
+                     at_rho_zero=_no_stored_direction)
 
   def update_fn(updates, state, params=None, *, grad_fn=None,
                 graph_grad_fn=None, **extra_args):
+    # Checked here, not where it is called: a step at rho = 0 never is.
+    _check_gradient_fn(graph_grad_fn, who, "graph_grad_fn")
     return transform(graph_grad_fn).update(updates, state, params,
                                            grad_fn=grad_fn, **extra_args)
 

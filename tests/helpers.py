@@ -54,6 +54,31 @@ def make_step(opt, loss):
   return step
 
 
+def counting_grad_fn(loss, calls):
+  """``jax.grad(loss)`` that appends to ``calls`` each time it runs (under
+  ``jit`` too: a host callback, so evaluations are counted, not traces)."""
+  grad = jax.grad(loss)
+
+  def grad_fn(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return grad(p)
+  return grad_fn
+
+
+def counting_step(opt, loss, calls, traces):
+  """A jitted step whose grad_fn counts its runs in ``calls``; each trace
+  of the step appends to ``traces``."""
+  grad_fn = counting_grad_fn(loss, calls)
+
+  @jax.jit
+  def step(p, s):
+    traces.append(None)
+    u, s = opt.update(jax.grad(loss)(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  return step
+
+
 def run(opt, loss, params, steps):
   step = make_step(opt, loss)
   state = opt.init(params)

@@ -280,6 +280,8 @@ class LookSAMRule:
       nh = norm(hs)
       cos = dot(gs, hs) / (ng * nh + self.eps)
       self.g_v = [h - nh * cos * g / (ng + self.eps) for g, h in zip(gs, hs)]
+      if self.rho == 0:  # DESIGN.md: no direction at rho = 0, not noise
+        self.g_v = [np.zeros_like(g) for g in gs]
       return hs
     scale = self.alpha * ng / (norm(self.g_v) + self.eps)
     return [g + scale * v for g, v in zip(gs, self.g_v)]

@@ -195,28 +195,12 @@ def test_state_holds_only_what_the_rule_needs(make, buffers):
 
 
 # -------------------------------------------------------- LookSAM's skip
-def _counting_grad_fn(loss, calls):
-  grad = jax.grad(loss)
-
-  def grad_fn(p):
-    jax.debug.callback(lambda: calls.append(1))
-    return grad(p)
-  return grad_fn
-
-
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_looksam_evaluates_grad_fn_once_per_k_steps_under_jit(k):
   _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
   opt = samtx.looksam(LR, 0.1, k=k, momentum=0.9)
   calls, traces = [], []
-  grad_fn = _counting_grad_fn(loss, calls)
-
-  @jax.jit
-  def step(p, s):
-    traces.append(None)
-    u, s = opt.update(jax.grad(loss)(p), s, p, grad_fn=grad_fn)
-    return optax.apply_updates(p, u), s
-
+  step = helpers.counting_step(opt, loss, calls, traces)
   p, s = params, opt.init(params)
   for n in range(1, 3 * k + 1):
     p, s = step(p, s)
@@ -244,7 +228,7 @@ def test_looksam_grad_fn_runs_only_inside_the_once_or_never_loop():
   """
   _, loss, params, _ = helpers.problem_and_loss(jnp.float32)
   tx = samtx.looksam_perturbation(0.1, k=5)
-  grad_fn = _counting_grad_fn(loss, [])
+  grad_fn = helpers.counting_grad_fn(loss, [])
   jaxpr = jax.make_jaxpr(
       lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
           jax.grad(loss)(params), tx.init(params), params).jaxpr
