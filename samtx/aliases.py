@@ -97,16 +97,25 @@ def sam(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, samtx
-    >>> loss = lambda p: jnp.sum((p - 1.0) ** 2)
-    >>> opt = samtx.sam(0.1, rho=0.05)
-    >>> params = jnp.zeros(3)
-    >>> state = opt.init(params)
-    >>> for _ in range(50):
-    ...   grads = jax.grad(loss)(params)
-    ...   updates, state = opt.update(grads, state, params, grad_fn=jax.grad(loss))
-    ...   params = optax.apply_updates(params, updates)
-    >>> bool(loss(params) < 1e-2)
-    True
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
+    >>> opt = samtx.sam(0.3, rho=0.05)
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   grads = jax.grad(loss)(w)
+    ...   updates, state = opt.update(grads, state, w, grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 0.321
+    >>> print(f"{loss(jnp.linalg.lstsq(A, b)[0]):.3f}")  # the minimum
+    0.321
 
   References:
     Foret et al., 2021, https://arxiv.org/abs/2010.01412;
@@ -153,9 +162,25 @@ def amsgrad(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax.numpy as jnp, samtx
-    >>> opt = samtx.amsgrad(0.01)
-    >>> state = opt.init(jnp.zeros(2))
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
+    >>> opt = samtx.amsgrad(0.1)
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   updates, state = opt.update(jax.grad(loss)(w), state, w)
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 0.321
+    >>> print(f"{loss(jnp.linalg.lstsq(A, b)[0]):.3f}")  # the minimum
+    0.321
 
   References:
     Sun et al., 2023, https://arxiv.org/abs/2303.00565
@@ -209,9 +234,26 @@ def adasam(
     ``grad_fn``.
 
   Example:
-    >>> import jax.numpy as jnp, samtx
-    >>> opt = samtx.adasam(1e-3, rho=0.05)
-    >>> state = opt.init({"w": jnp.zeros((2, 2))})
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
+    >>> opt = samtx.adasam(0.1, rho=0.05)
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   grads = jax.grad(loss)(w)
+    ...   updates, state = opt.update(grads, state, w, grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 0.321
+    >>> print(f"{loss(jnp.linalg.lstsq(A, b)[0]):.3f}")  # the minimum
+    0.321
 
   References:
     Sun et al., 2023, AdaSAM: Boosting sharpness-aware minimization with
@@ -266,9 +308,26 @@ def lightsam(
     ``grad_fn``.
 
   Example:
-    >>> import jax.numpy as jnp, samtx
-    >>> opt = samtx.lightsam(0.5, rho=0.1, variant="adam")
-    >>> state = opt.init(jnp.zeros(4))
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
+    >>> opt = samtx.lightsam(0.5, rho=0.1)  # LightSAM-I
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   grads = jax.grad(loss)(w)
+    ...   updates, state = opt.update(grads, state, w, grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 0.321
+    >>> print(f"{loss(jnp.linalg.lstsq(A, b)[0]):.3f}")  # the minimum
+    0.321
 
   References:
     Cheng et al., 2025, LightSAM: Parameter-agnostic sharpness-aware
@@ -331,10 +390,27 @@ def gsam(
     keyword-only ``grad_fn(params) -> grads``.
 
   Example:
-    >>> import jax.numpy as jnp, optax, samtx
-    >>> schedule = optax.linear_schedule(0.1, 0.0, 100)
-    >>> opt = samtx.gsam(schedule, rho=optax.linear_schedule(0.05, 0.0, 100))
-    >>> state = opt.init(jnp.zeros(3))
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
+    >>> opt = samtx.gsam(optax.linear_schedule(0.3, 0.0, 100),
+    ...                  rho=optax.linear_schedule(0.05, 0.0, 100))
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   grads = jax.grad(loss)(w)
+    ...   updates, state = opt.update(grads, state, w, grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 0.321
+    >>> print(f"{loss(jnp.linalg.lstsq(A, b)[0]):.3f}")  # the minimum
+    0.321
 
   References:
     Zhuang et al., 2022, https://arxiv.org/abs/2203.08065
@@ -380,9 +456,26 @@ def wsam(
     keyword-only ``grad_fn(params) -> grads``.
 
   Example:
-    >>> import jax.numpy as jnp, samtx
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
     >>> opt = samtx.wsam(0.1, rho=0.05, gamma=0.9, momentum=0.9)
-    >>> state = opt.init(jnp.zeros(3))
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   grads = jax.grad(loss)(w)
+    ...   updates, state = opt.update(grads, state, w, grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 0.321
+    >>> print(f"{loss(jnp.linalg.lstsq(A, b)[0]):.3f}")  # the minimum
+    0.321
 
   References:
     Yue et al., 2023, https://arxiv.org/abs/2305.15817
@@ -432,9 +525,26 @@ def friendly_sam(
     keyword-only ``grad_fn(params) -> grads``.
 
   Example:
-    >>> import jax.numpy as jnp, samtx
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
     >>> opt = samtx.friendly_sam(0.1, rho=0.05, momentum=0.9)
-    >>> state = opt.init(jnp.zeros(3))
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   grads = jax.grad(loss)(w)
+    ...   updates, state = opt.update(grads, state, w, grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 0.321
+    >>> print(f"{loss(jnp.linalg.lstsq(A, b)[0]):.3f}")  # the minimum
+    0.321
 
   References:
     Li et al., 2024, Friendly sharpness-aware minimization, CVPR 2024,
@@ -484,9 +594,26 @@ def looksam(
     keyword-only ``grad_fn(params) -> grads``.
 
   Example:
-    >>> import jax.numpy as jnp, samtx
-    >>> opt = samtx.looksam(0.1, rho=0.05, k=5, momentum=0.9)
-    >>> state = opt.init(jnp.zeros(3))
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
+    >>> opt = samtx.looksam(0.1, rho=0.05, k=5, alpha=0.1, momentum=0.9)
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   grads = jax.grad(loss)(w)
+    ...   updates, state = opt.update(grads, state, w, grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 0.321
+    >>> print(f"{loss(jnp.linalg.lstsq(A, b)[0]):.3f}")  # the minimum
+    0.321
 
   References:
     Liu et al., 2022, https://arxiv.org/abs/2203.02714
@@ -557,13 +684,16 @@ def fgsam(
     >>> graph_loss = lambda p: jnp.sum((p - 1.0) ** 2) + 0.1 * jnp.sum(p ** 2)
     >>> peer_loss = lambda p: jnp.sum((p - 1.0) ** 2)
     >>> opt = samtx.fgsam(0.05, rho=0.05, lam=0.3)
-    >>> params = jnp.zeros(3)
-    >>> state = opt.init(params)
-    >>> for _ in range(300):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   grads = jax.grad(graph_loss)(params)
     ...   updates, state = opt.update(grads, state, params,
     ...                               grad_fn=jax.grad(peer_loss))
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> params = jnp.zeros(3)
+    >>> state = opt.init(params)
+    >>> for _ in range(300):
+    ...   params, state = step(params, state)
     >>> params.round(2)  # between the minima of the two losses, 1/1.1 and 1
     Array([0.93, 0.93, 0.93], dtype=float32)
 

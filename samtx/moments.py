@@ -390,8 +390,15 @@ def lightsam_preconditioner(
     ValueError: ``variant`` is not one of the three names.
 
   Example:
-    >>> import samtx
-    >>> tx = samtx.lightsam_preconditioner("adagrad")
+    >>> import jax.numpy as jnp, samtx
+    >>> tx = samtx.lightsam_preconditioner("adagrad")  # LightSAM-II
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([3.0, -4.0]), state)
+    >>> updates
+    Array([ 1., -1.], dtype=float32)
+    >>> updates, state = tx.update(jnp.array([4.0, 3.0]), state)
+    >>> updates  # g / sqrt(sum of g**2 so far), per coordinate
+    Array([0.8, 0.6], dtype=float32)
   """
   if variant == "adagrad_norm":
     return scale_by_adagrad_norm(eps, norm_axis_name=norm_axis_name)

@@ -176,15 +176,22 @@ def msam(
     ``grad_fn`` needed).
 
   Example:
-    >>> import jax, jax.numpy as jnp, samtx
-    >>> loss = lambda p: jnp.sum(p ** 2)
-    >>> tx = samtx.msam(0.1, rho=0.05)
-    >>> params = jnp.array([1.0, -2.0])
-    >>> state = tx.init(params)
-    >>> for _ in range(3):
-    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
-    ...   params = params + updates
-    >>> weights = samtx.unperturb(params, state)
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
+    >>> opt = samtx.msam(0.3, rho=0.3)
+    >>> @jax.jit
+    ... def step(w, state):  # one gradient per step, at the held weights
+    ...   updates, state = opt.update(jax.grad(loss)(w), state, w)
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> x = samtx.unperturb(w, state)  # evaluate and save these
+    >>> print(f"held {loss(w):.3f}, unperturbed {loss(x):.3f}")
+    held 0.377, unperturbed 0.321
 
   References:
     Becker et al., 2024, Momentum-SAM: Sharpness aware minimization without
@@ -259,16 +266,23 @@ def msam_adamw(
     ``update`` needs ``params`` (for the decay).
 
   Example:
-    >>> import jax, jax.numpy as jnp, samtx
-    >>> loss = lambda p: jnp.sum((p - 1.0) ** 2)
-    >>> tx = samtx.msam_adamw(0.05, rho=0.05, weight_decay=0.0)
-    >>> params = jnp.zeros(2)
-    >>> state = tx.init(params)
-    >>> for _ in range(200):
-    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
-    ...   params = params + updates
-    >>> bool(jnp.allclose(samtx.unperturb(params, state), 1.0, atol=0.1))
-    True
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> A = jnp.array([[1.0, 0.3], [0.2, 1.0], [0.5, -0.4]])
+    >>> b = jnp.array([1.0, -2.0, 0.5])
+    >>> loss = lambda w: jnp.mean((A @ w - b) ** 2)  # least squares
+    >>> opt = samtx.msam_adamw(0.05, rho=0.05, weight_decay=0.0)
+    >>> @jax.jit
+    ... def step(w, state):
+    ...   updates, state = opt.update(jax.grad(loss)(w), state, w)
+    ...   return optax.apply_updates(w, updates), state
+    >>> w = jnp.zeros(2)
+    >>> state = opt.init(w)
+    >>> print(f"loss {loss(w):.3f}")
+    loss 1.750
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> print(f"loss {loss(samtx.unperturb(w, state)):.3f}")
+    loss 0.321
 
   References:
     Becker et al., 2024, Momentum-SAM: Sharpness aware minimization without

@@ -444,6 +444,13 @@ def sam_perturbation(
     >>> updates, state = tx.update(grads, state, params, grad_fn=jax.grad(loss))
     >>> updates  # -0.1 * 2 * (x + 0.1 * x / |x|)
     Array([-0.612, -0.816], dtype=float32)
+    >>> params = optax.apply_updates(params, updates)
+    >>> for _ in range(40):  # keep training: the loss falls from 25
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params,
+    ...                              grad_fn=jax.grad(loss))
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 0.000
 
   References:
     Foret et al., 2021, Sharpness-aware minimization for efficiently improving
@@ -523,6 +530,19 @@ def lightsam_perturbation(
     ...                      grad_fn=jax.grad(loss))
     >>> h  # 2 * (x + 0.5 * s / |s|)
     Array([6.6, 8.8], dtype=float32)
+    >>> opt = optax.chain(tx, optax.sgd(0.05))  # then a base optimizer: train
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = opt.update(jax.grad(loss)(params), state, params,
+    ...                               grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = opt.init(params)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 25.000
+    >>> for _ in range(40):
+    ...   params, state = step(params, state)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 0.004
 
   References:
     Cheng et al., 2025, LightSAM: Parameter-agnostic sharpness-aware
@@ -628,6 +648,19 @@ def gsam_perturbation(
     ...                        params, grad_fn=jax.grad(loss))
     >>> out.round(4)  # h = (3.118, 2.3416), g_perp = (0.2412, -0.3211)
     Array([2.9975, 2.5021], dtype=float32)
+    >>> opt = optax.chain(tx, optax.sgd(0.05))  # then a base optimizer: train
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = opt.update(jax.grad(loss)(params), state, params,
+    ...                               grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = opt.init(params)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 1.000
+    >>> for _ in range(40):
+    ...   params, state = step(params, state)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 0.009
 
   References:
     Zhuang et al., 2022, Surrogate gap guided sharpness-aware minimization,
@@ -699,6 +732,19 @@ def wsam_perturbation(
     ...                        params, grad_fn=jax.grad(loss))
     >>> out  # -2 g + 3 h with g = 2 x, h = 2 (x + 5 x / |x|) = 2 g
     Array([24., 32.], dtype=float32)
+    >>> opt = optax.chain(tx, optax.sgd(0.05))  # then a base optimizer: train
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = opt.update(jax.grad(loss)(params), state, params,
+    ...                               grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = opt.init(params)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 25.000
+    >>> for _ in range(40):
+    ...   params, state = step(params, state)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 0.635
 
   References:
     Yue et al., 2023, Sharpness-aware minimization revisited: weighted
@@ -786,6 +832,19 @@ def friendly_sam_perturbation(
     ...                      grad_fn=jax.grad(loss))
     >>> state.inner.momentum  # m = g on the first step
     Array([6., 8.], dtype=float32)
+    >>> opt = optax.chain(tx, optax.sgd(0.05))  # then a base optimizer: train
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = opt.update(jax.grad(loss)(params), state, params,
+    ...                               grad_fn=jax.grad(loss))
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = opt.init(params)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 25.000
+    >>> for _ in range(40):
+    ...   params, state = step(params, state)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 0.319
 
   References:
     Li et al., 2024, Friendly sharpness-aware minimization, CVPR 2024,
@@ -932,6 +991,18 @@ def looksam_perturbation(
     >>> out, state = tx.update(grad(params), state, params, grad_fn=grad)
     >>> out.round(4)  # g + n(g) g_v / n(g_v), no grad_fn call
     Array([1., 3.], dtype=float32)
+    >>> opt = optax.chain(tx, optax.sgd(0.05))  # then a base optimizer: train
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = opt.update(grad(params), state, params, grad_fn=grad)
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = opt.init(params)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 1.000
+    >>> for _ in range(40):
+    ...   params, state = step(params, state)
+    >>> print(f"loss {loss(params):.3f}")
+    loss 0.008
 
   References:
     Liu et al., 2022, Towards efficient and scalable sharpness-aware
@@ -1061,6 +1132,19 @@ def fgsam_perturbation(
     ...                        params, grad_fn=jax.grad(peer_loss))
     >>> out  # 0.25 * 2 (x + e - 1) + 0.75 * 2 x, e = 0.5 x / |x|
     Array([5.65, 7.7 ], dtype=float32)
+    >>> opt = optax.chain(tx, optax.sgd(0.05))  # then a base optimizer: train
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = opt.update(jax.grad(graph_loss)(params), state, params,
+    ...                               grad_fn=jax.grad(peer_loss))
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = opt.init(params)
+    >>> print(f"loss {graph_loss(params):.3f}")
+    loss 25.000
+    >>> for _ in range(40):
+    ...   params, state = step(params, state)
+    >>> print(f"loss {graph_loss(params):.3f}")
+    loss 0.089
 
   References:
     Luo et al., 2024, Fast graph sharpness-aware minimization for enhancing
@@ -1180,6 +1264,19 @@ def fgsam_plus_perturbation(
     ...                        graph_grad_fn=graph)
     >>> out.round(4)  # m + n(m) g_v / n(g_v), m = (2, 4): no graph gradient
     Array([6., 2.], dtype=float32)
+    >>> opt = optax.chain(tx, optax.sgd(0.05))  # then a base optimizer: train
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = opt.update(mlp(params), state, params,
+    ...                               grad_fn=mlp, graph_grad_fn=graph)
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = opt.init(params)
+    >>> print(f"loss {graph_loss(params):.3f}")
+    loss 7.000
+    >>> for _ in range(40):
+    ...   params, state = step(params, state)
+    >>> print(f"loss {graph_loss(params):.3f}")
+    loss 0.000
 
   References:
     Luo et al., 2024, Fast graph sharpness-aware minimization for enhancing

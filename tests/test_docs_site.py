@@ -203,7 +203,8 @@ def _numbers_and_words(text):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", ["sam", "adasam", "lightsam", "msam"])
+@pytest.mark.parametrize(
+    "page", ["sam", "adasam", "lightsam", "msam", "family", "related"])
 def test_optimizer_page_example_prints_what_the_page_shows(page, capsys):
   """The "Try it" code of an optimizer page runs, and prints the output the
   page shows under it (numbers to 2%: another CPU may round differently)."""
