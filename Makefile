@@ -2,7 +2,8 @@
 #   make demo   - create .venv, install samtx, run the main comparison job
 #   make test   - create .venv if needed, install, run the whole test suite
 # and for CI (.ci/run) and contributors:
-#   make docs        - the Sphinx site in docs/_build/html (warnings are errors)
+#   make docs        - the Sphinx site in docs/_build/html (warnings are errors),
+#                      then a check of the built HTML (offline, no broken links)
 #   make lint        - ruff (configuration in pyproject.toml)
 #   make typecheck   - mypy on samtx/
 #   make wheel-smoke - build the wheel, install it without extras in a fresh
@@ -43,8 +44,11 @@ $(LINT_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[lint]"
 	touch $@
 
+# Then the built site is checked: no CDN or other remote script/stylesheet,
+# every internal link and anchor resolves (docs/ext/check_html.py).
 docs: $(DOCS_STAMP)
 	$(BIN)/python -m sphinx $(SPHINXOPTS) -b html docs docs/_build/html
+	$(BIN)/python docs/ext/check_html.py docs/_build/html
 
 lint: $(LINT_STAMP)
 	$(BIN)/python -m ruff check .

@@ -18,7 +18,7 @@ Run::
   .venv/bin/python examples/sharded_cnn.py              # 300 steps, ~1 min
   .venv/bin/python examples/sharded_cnn.py --steps 10   # a smoke run
 
-The last line printed is a JSON summary (used by tests/test_flax.py).
+The last line printed is a JSON summary (checked by tests/test_examples.py).
 """
 
 from __future__ import annotations

@@ -171,9 +171,9 @@ def adasam(
   r"""AdaSAM: the SAM perturbation followed by AdaSAM's AMSGrad rule.
 
   .. math::
-    h = \nabla f(x + \rho g/(\|g\|+\epsilon_{\text{SAM}})),\
-    m = \beta_1 m + (1-\beta_1) h,\ v = \beta_2 v + (1-\beta_2) h^2,\
-    \hat v = \max(\hat v, v),\ x \leftarrow x - \eta_t m/\sqrt{\hat v}
+    &h = \nabla f(x + \rho g/(\|g\|+\epsilon_{\text{SAM}})),\quad
+    m = \beta_1 m + (1-\beta_1) h,\quad v = \beta_2 v + (1-\beta_2) h^2,\\
+    &\hat v = \max(\hat v, v),\quad x \leftarrow x - \eta_t m/\sqrt{\hat v}
 
   This is the paper's Algorithm 1. ``rho=0`` equals :func:`samtx.amsgrad`.
   ``delayed=True`` is the experimental *analysis* form of the paper's proof
@@ -390,8 +390,8 @@ def friendly_sam(
   r"""Friendly-SAM on SGD with optional momentum.
 
   .. math::
-    d = g - \sigma m,\quad m \leftarrow \lambda m + (1-\lambda) g,\quad
-    h = \nabla f(x + \rho d/(\|d\|+\epsilon)),\quad
+    &d = g - \sigma m,\quad m \leftarrow \lambda m + (1-\lambda) g,\\
+    &h = \nabla f(x + \rho d/(\|d\|+\epsilon)),\quad
     v \leftarrow \mu v + h,\quad x \leftarrow x - \eta_t v
 
   (``d = m = g`` on the first step, see

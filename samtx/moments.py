@@ -85,9 +85,9 @@ def scale_by_amsgrad(
   With gradient (or perturbed gradient) :math:`h_t`:
 
   .. math::
-    m_t = \beta_1 m_{t-1} + (1-\beta_1) h_t,\quad
-    v_t = \beta_2 v_{t-1} + (1-\beta_2) h_t^2,\quad
-    \hat v_t = \max(\hat v_{t-1}, v_t),\quad
+    &m_t = \beta_1 m_{t-1} + (1-\beta_1) h_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) h_t^2,\\
+    &\hat v_t = \max(\hat v_{t-1}, v_t),\quad
     u_t = m_t / \sqrt{\hat v_t}
 
   with :math:`m_{-1} = v_{-1} = 0`, :math:`\hat v_{-1} = \epsilon^2` and no

@@ -60,8 +60,8 @@ def lookahead(
   :math:`k` the sync period and :math:`\alpha` the slow step size:
 
   .. math::
-    \phi_{t+1} = \phi_t + u_t \quad\text{(no sync)},\qquad
-    \theta_{t+1} = \theta_t + \alpha\,(\phi_t + u_t - \theta_t),\quad
+    &\phi_{t+1} = \phi_t + u_t \quad\text{(no sync)},\\
+    &\theta_{t+1} = \theta_t + \alpha\,(\phi_t + u_t - \theta_t),\quad
     \phi_{t+1} = \theta_{t+1} \quad\text{(sync, } (t+1) \bmod k = 0)
 
   for fast weights :math:`\phi` and slow weights :math:`\theta`. This is
