@@ -388,6 +388,7 @@ def _run_workload(plan: _Plan, data: data_lib.Dataset, opts: CompareOptions,
   job = _Job(plan, data, folder, progress)
   result = {"workload": plan.workload.name, "task": data.task,
             "data_source": data.source, "environment": environment(),
+            "parameters": train.parameter_count(data, plan.setup),
             "settings": {"workload": dataclasses.asdict(plan.workload),
                          "epochs": plan.setup.epochs,
                          "steps": plan.setup.epochs * (

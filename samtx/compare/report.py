@@ -218,6 +218,7 @@ def _place_labels(ax, points, labels, fontsize=8.5):
   Tries offsets around each point, nearest first, and keeps the first whose
   text box (in display coordinates) clears every label already placed and
   every marker; falls back to the least overlapping one, with a leader line.
+  Returns the text boxes placed (display coordinates).
   """
   fig = ax.figure
   fig.canvas.draw()
@@ -256,6 +257,7 @@ def _place_labels(ax, points, labels, fontsize=8.5):
                 arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5")
                 if far else None)
     placed.append(box)
+  return placed
 
 
 def plot_cost(group: dict, families: Dict[str, str], path: str) -> None:

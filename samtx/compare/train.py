@@ -57,7 +57,7 @@ from samtx.compare.optimizers import SAF_LAG
 from samtx.compare.optimizers import Spec
 
 __all__ = ["Setup", "train_runs", "step_costs", "cross_entropy", "lr_shape",
-           "timing_summary", "wait", "TIMING_SPREAD_LIMIT"]
+           "timing_summary", "wait", "parameter_count", "TIMING_SPREAD_LIMIT"]
 
 _EVAL_BATCH = 64  # examples per evaluation chunk (bounds memory under vmap)
 # A time ratio whose interquartile range over the round-robin repeats is
@@ -537,6 +537,13 @@ def timing_summary(timing: dict, name: str, base: str) -> dict:
   low, mid, high = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
   unstable = bool(len(ratios) < 3 or (high - low) > TIMING_SPREAD_LIMIT * mid)
   return {"ratio": mid, "low": low, "high": high, "unstable": unstable}
+
+
+def parameter_count(data: data_lib.Dataset, setup: Setup) -> int:
+  """Trainable parameters of the workload's model (no BatchNorm statistics)."""
+  model = models.build(setup.workload.model, data, setup.workload.options)
+  params, _ = jax.eval_shape(model.init, jax.random.key(0))
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
 def bits(nats) -> np.ndarray:
