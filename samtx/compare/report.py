@@ -350,6 +350,13 @@ def write_json(obj, path: str) -> None:
     json.dump(obj, f, indent=1, default=default)
 
 
+def _line(text: str) -> None:
+  # One write with its newline: print() writes the end separately, and a
+  # Ctrl-C between the two would glue the interruption message to this line.
+  sys.stderr.write(text + "\n")
+  sys.stderr.flush()
+
+
 class Progress:
   """A tqdm bar over epochs of all runs (plain messages without tqdm or off).
 
@@ -374,14 +381,14 @@ class Progress:
     if self.bar is not None:
       self.bar.set_description(text)
     else:
-      print(text, file=sys.stderr, flush=True)
+      _line(text)
 
   def note(self, text: str) -> None:
     """A message that must be seen (e.g. that runs were resumed)."""
     if self.bar is not None:
       self.bar.write(text, file=sys.stderr)
     else:
-      print(text, file=sys.stderr, flush=True)
+      _line(text)
 
   def __call__(self, n: int) -> None:
     if self.bar is not None:
