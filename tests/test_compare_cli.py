@@ -325,7 +325,7 @@ def test_grids_relative_to_the_base_are_tuned_after_it():
   assert order.index("sgd") < min(order.index(n) for n in ("sam", "msam"))
   order = experiment._order(["adasam", "sam_adamw", "adamw"], "transformer")
   assert order[0] == "adamw"
-  assert tune.grid("transformer", "adamw_family", anchors={"adamw": 0.01}) == [
+  assert tune.grid("transformer", "adasam", anchors={"adamw": 0.01}) == [
       (0.00333333, 0.02), (0.00333333, 0.1), (0.01, 0.02), (0.01, 0.1)]
 
 

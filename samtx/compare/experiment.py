@@ -197,7 +197,7 @@ def _plan(name: str, opts: CompareOptions) -> _Plan:
   tune_setup = dataclasses.replace(setup, epochs=opts.tune_epochs or epochs)
   return _Plan(
       workload, optimizers, noise,
-      seeds=list(range(opts.seeds or preset["seeds"])),
+      seeds=list(range(opts.seeds or _per_workload(preset, "seeds", name))),
       tune_seeds=[1000 + s for s in range(opts.tune_seeds or
                                           preset.get("tune_seeds", 3))],
       setup=setup, tune_setup=tune_setup,
@@ -208,6 +208,14 @@ def _plan(name: str, opts: CompareOptions) -> _Plan:
           "timing_repeats", workload.timing_repeats),
       verify_corpus=(preset["verify_corpus"] if opts.verify_corpus is None
                      else opts.verify_corpus))
+
+
+def _per_workload(preset: dict, key: str, workload: str):
+  """A preset value that may be one value or a per-workload dict."""
+  value = preset[key]
+  if isinstance(value, dict):
+    return value.get(workload, preset[f"default_{key}"])
+  return value
 
 
 def _prepare_out(path: str) -> None:

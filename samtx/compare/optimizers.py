@@ -151,7 +151,8 @@ def _sam_family(alias: str, label: str, note: str = "",
   if hasattr(samtx, alias):
     kwargs = dict(settings or {})
     register(alias, label, lambda lr, rho: getattr(samtx, alias)(
-        lr, rho, momentum=MOMENTUM, **kwargs), two_pass=True, grid="sam",
+        lr, rho, momentum=MOMENTUM, **kwargs), two_pass=True,
+             grid="sam_family",
              family="sgd", note=note, settings=settings)
 
 
