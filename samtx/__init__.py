@@ -33,6 +33,23 @@ from samtx.perturbations import PerturbationState
 from samtx.perturbations import sam_perturbation
 from samtx.perturbations import wsam_perturbation
 from samtx.wrappers import lookahead
+# related work: GPA, SAF / MESA
+from samtx.gpa import eval_params
+from samtx.gpa import gpa
+from samtx.gpa import GPAState
+from samtx.saf import ema_params
+from samtx.saf import mesa
+from samtx.saf import MESAState
+from samtx.saf import saf_memory
+from samtx.saf import saf_record
+from samtx.saf import saf_targets
+from samtx.saf import trajectory_loss
+# FGSAM, RAPP (issue 22)
+from samtx.aliases import fgsam
+from samtx.aliases import fgsam_plus
+from samtx.perturbations import fgsam_perturbation
+from samtx.perturbations import fgsam_plus_perturbation
+from samtx.wrappers import rapp
 
 __version__ = "0.1.0"
 
@@ -86,4 +103,21 @@ __all__ = (
     # one-pass helpers
     "MSAMState",
     "unperturb",
+    # related work: GPA, SAF / MESA
+    "gpa",
+    "GPAState",
+    "eval_params",
+    "trajectory_loss",
+    "mesa",
+    "MESAState",
+    "ema_params",
+    "saf_memory",
+    "saf_record",
+    "saf_targets",
+    # FGSAM, RAPP (issue 22)
+    "fgsam_perturbation",
+    "fgsam_plus_perturbation",
+    "fgsam",
+    "fgsam_plus",
+    "rapp",
 )

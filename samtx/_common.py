@@ -342,3 +342,15 @@ def perturbed_gradient(
   if axis_name is not None:
     out = jax.lax.pmean(out, axis_name=axis_name)
   return out
+
+
+# ----------------------------------------------------------------------------
+# finding a transform's state inside a wrapped optimizer state
+# ----------------------------------------------------------------------------
+
+
+def states_of(opt_state, state_type) -> list:
+  """Every ``state_type`` node anywhere in ``opt_state`` (chains, wrappers)."""
+  return [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda s: isinstance(s, state_type))
+          if isinstance(s, state_type)]

@@ -9,9 +9,10 @@ SAM-specific details right:
   statistics) but its statistic updates are discarded.
 * **Dropout**: the perturbed pass uses the same dropout key as the clean pass,
   so both gradients see the same sub-network.
-* **MSAM**: the weights a training loop holds carry the perturbation;
+* **MSAM, GPA**: the weights a training loop holds are not the ones to
+  evaluate (MSAM's carry the perturbation, GPA's are its gradient point);
   :func:`eval_params`, :func:`eval_variables` and :func:`eval_model` return the
-  weights to evaluate or export (via :func:`samtx.unperturb`).
+  weights to evaluate or export (via :func:`samtx.eval_params`).
 * **Several devices**: with ``mesh=`` (or ``axis_name=`` inside your own
   ``shard_map``/``pmap``) the step builders train data-parallel: per-device
   dropout keys, BatchNorm statistics averaged over devices (identical copies
@@ -50,6 +51,7 @@ except ImportError as error:
 
 from samtx import _common
 from samtx import parallel as _parallel
+from samtx.gpa import eval_params as _eval_params
 from samtx.msam import MSAMState
 from samtx.msam import unperturb
 from samtx.perturbations import PerturbationState
@@ -336,9 +338,11 @@ class TrainState(train_state.TrainState):
 
 
 def eval_params(state):
-  """The parameters to evaluate or export: ``samtx.unperturb(params, opt_state)``.
+  """The parameters to evaluate or export: ``samtx.eval_params(params, opt_state)``.
 
-  Identity except for MSAM, whose held weights carry the perturbation.
+  Identity except for MSAM, whose held weights carry the perturbation, and
+  GPA, whose held weights are its gradient point (see
+  :func:`samtx.eval_params`).
 
   Args:
     state: a linen train state.
@@ -358,7 +362,7 @@ def eval_params(state):
   References:
     Becker et al., 2024, https://arxiv.org/abs/2401.12033
   """
-  return unperturb(state.params, state.opt_state)
+  return _eval_params(state.params, state.opt_state)
 
 
 def eval_variables(state) -> dict:
@@ -764,10 +768,11 @@ def _settle_in_place(opt_state, axis) -> None:
 
 
 def eval_model(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.Module:
-  """A copy of ``model`` with the weights to evaluate (``samtx.unperturb``).
+  """A copy of ``model`` with the weights to evaluate (``samtx.eval_params``).
 
   For MSAM the model holds perturbed weights; the copy holds the clean ones.
-  For every other optimizer the copy equals the model. ``model`` itself is not
+  For GPA the copy holds the evaluation point. For every other optimizer the
+  copy equals the model. ``model`` itself is not
   changed, so training continues from the held weights.
 
   Args:
@@ -798,5 +803,5 @@ def eval_model(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.Module:
     raise TypeError(f"{who}: optimizer must be an nnx.Optimizer, got"
                     f" {type(optimizer).__name__}.")
   graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
-  clean = unperturb(nnx.as_pure(params), nnx.as_pure(optimizer.opt_state))
+  clean = _eval_params(nnx.as_pure(params), nnx.as_pure(optimizer.opt_state))
   return nnx.merge(graphdef, clean, nnx.as_pure(rest))

@@ -6,7 +6,9 @@ keyword-only ``grad_fn(params + e)`` exactly once and passes that perturbed
 gradient ``h`` -- or, for GSAM, WSAM and LookSAM, a combination of ``g`` and
 ``h`` -- downstream. LookSAM calls ``grad_fn`` only every ``k``-th step. No
 copy of the parameters is kept between steps; Friendly-SAM and LookSAM keep
-the one parameter-sized buffer their rule needs.
+the one parameter-sized buffer their rule needs. FGSAM builds ``e`` from the
+gradient of one loss and evaluates ``grad_fn`` for another loss that shares
+the weights.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ __all__ = [
     "looksam_perturbation",
     "FriendlySAMState",
     "LookSAMState",
+    "fgsam_perturbation",
+    "fgsam_plus_perturbation",
 ]
 
 
@@ -231,13 +235,14 @@ def _union_of_varying(a, b):
 
 
 def _sam_ascent(*, adaptive: bool, eta, eps, norm_axis_name,
-                direction_of=None) -> AscentRule:
+                direction_of=None, normalize: bool = True) -> AscentRule:
   """SAM's (or ASAM's) ascent along ``direction_of(grads, inner)``.
 
   SAM: ``e = rho d / (||d|| + eps)``; ASAM, with ``T = |x| + eta``:
   ``e = rho T^2 d / (||T d|| + eps)``. ``d`` is the gradient itself unless
   ``direction_of(grads, inner, count)`` returns another direction (and the
-  new inner state), as Friendly-SAM's does.
+  new inner state), as Friendly-SAM's does. ``normalize=False`` drops the
+  division: ``e = rho d`` (ASAM: ``rho T^2 d``).
   """
   def ascent(grads, inner, params, rho_t, count):
     dtype = _common.tree_stat_dtype(grads)
@@ -253,7 +258,10 @@ def _sam_ascent(*, adaptive: bool, eta, eps, norm_axis_name,
       denominator = _common.global_norm(weighted, dtype, norm_axis_name)
     else:
       denominator = _common.global_norm(direction, dtype, norm_axis_name)
-    step = rho_t / (denominator + eps)
+    if normalize:
+      step = rho_t / (denominator + eps)
+    else:
+      step = jnp.asarray(rho_t, dtype)
     perturbation = jax.tree.map(lambda d: d * step, direction)
     # SAM's perturbation norm is known without a second reduction.
     norm = (step * _common.global_norm(direction, dtype, norm_axis_name)
@@ -266,6 +274,7 @@ def _sam_ascent(*, adaptive: bool, eta, eps, norm_axis_name,
 def sam_perturbation(
     rho,
     *,
+    normalize: bool = True,
     adaptive: bool = False,
     eta: float = 0.0,
     eps: float = 1e-12,
@@ -288,9 +297,25 @@ def sam_perturbation(
   With ``eta=0`` this is the ``adaptive=True`` mode of the widely used
   PyTorch SAM implementation.
 
+  Unnormalized SAM (``normalize=False``), the form most SAM theory
+  analyses: the ascent step is not divided by its norm,
+
+  .. math::
+    e = \rho\, g \quad(\text{ASAM: } e = \rho\, T^2 g),
+
+  so its length ``rho ||g||`` shrinks near a minimum. ``rho`` is then a step
+  size rather than a radius (``eps`` is unused). With
+  :func:`samtx.parallel.jit_step`'s perturbation groups of one example
+  (``m_sharpness_groups`` equal to the batch size, ``axis_name`` set) every
+  example ascends along its own gradient and the update is the mean of the
+  per-example perturbed gradients: the unnormalized 1-SAM of Andriushchenko
+  and Flammarion.
+
   Args:
     rho: radius ``>= 0``, a float or an optax schedule of the step count.
       ``rho=0`` reproduces the base optimizer exactly.
+    normalize: divide the ascent step by its norm (SAM, ASAM); ``False``
+      gives unnormalized SAM, ``e = rho g``.
     adaptive: ASAM's scale-invariant ball.
     eta: ASAM's offset ``>= 0`` (ignored when ``adaptive=False``).
     eps: ``> 0``, keeps a zero gradient finite.
@@ -326,13 +351,19 @@ def sam_perturbation(
     Kwon et al., 2021, ASAM: Adaptive sharpness-aware minimization for
     scale-invariant learning of deep neural networks,
     https://arxiv.org/abs/2102.11600
+    Andriushchenko and Flammarion, 2022, Towards understanding
+    sharpness-aware minimization, https://arxiv.org/abs/2206.06232
+    Agarwala and Dauphin, 2023, SAM operates far from home: eigenvalue
+    regularization as a dynamical phenomenon,
+    https://arxiv.org/abs/2302.08692
   """
   who = "sam_perturbation"
   _common.check_scalar("eta", eta, low=0.0, who=who)
   _common.check_scalar("eps", eps, low=0.0, low_open=True, who=who)
+  _check_bool("normalize", normalize, who)
 
   ascent = _sam_ascent(adaptive=adaptive, eta=eta, eps=eps,
-                       norm_axis_name=norm_axis_name)
+                       norm_axis_name=norm_axis_name, normalize=normalize)
   return _two_pass(who, rho, axis_name, lambda params: optax.EmptyState(),
                    ascent, norm_axis_name)
 
@@ -822,3 +853,256 @@ def looksam_perturbation(
 
   return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
                    combine=combine, reuse=reuse, every=k)
+
+
+# ----------------------------------------------------------------------------
+# FGSAM: the ascent from one loss, the second gradient from another
+# ----------------------------------------------------------------------------
+
+
+def _check_bool(name, value, who):
+  """A flag that switches structure: a Python bool, never an array."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{who}: {name} must be a bool, got {value!r}.")
+
+
+def _check_fgsam_args(who, *, lam, **family_args):
+  """The family's checks, and ``lam`` in ``[0, 1]`` (both ends allowed)."""
+  _check_family_args(who, **family_args)
+  _common.check_scalar("lam", lam, low=0.0, high=1.0, who=who)
+
+
+def fgsam_perturbation(
+    rho,
+    *,
+    lam: float = 0.5,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""FGSAM: ascend along one loss, take the second gradient of another.
+
+  Two losses share the weights :math:`x`: the graph network's
+  :math:`L_G` (message passing on), whose gradient :math:`g` is the one
+  passed to ``update``, and its peer MLP's :math:`L_X` (the same layers with
+  message passing off, far cheaper), which ``grad_fn`` differentiates:
+
+  .. math::
+    e = \rho\, \frac{g}{n(g) + \epsilon},\qquad
+    h = \nabla L_X(x + e),\qquad
+    \text{output} = \lambda\, h + (1 - \lambda)\, g .
+
+  The sharpness is measured on the peer MLP (one cheap pass at the
+  perturbed point) and the ``(1 - lam) g`` term re-injects the graph
+  topology at no extra cost. A step costs one graph-network pass plus one
+  MLP pass, against SAM's two graph-network passes.
+
+  ``rho = 0`` switches the peer term off with the perturbation: the output
+  is ``g`` exactly, so the base optimizer is reproduced bit for bit, as with
+  every samtx perturbation (the paper's rule tends to
+  ``lam grad L_X(x) + (1 - lam) g`` as ``rho -> 0+``; it is discontinuous at
+  0 by this convention). No parameter-sized state.
+
+  With ``grad_fn`` the gradient of the *same* loss as ``g``, this is WSAM's
+  coupled form with weight ``lam`` on ``h`` (``lam = 1`` is SAM).
+
+  Args:
+    rho: radius ``>= 0``, a float or an optax schedule of the step count.
+    lam: weight of the peer gradient ``h``, in ``[0, 1]`` (``lam = 0`` is
+      the base optimizer on ``g``; ``grad_fn`` is still evaluated).
+    eps: ``> 0``, keeps a zero gradient finite.
+    axis_name: as in :func:`gsam_perturbation`.
+    norm_axis_name: as in :func:`sam_perturbation`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
+    graph network's gradient and needs the keyword-only
+    ``grad_fn(params) -> grads``, the gradient of the peer loss.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> graph_loss = lambda p: jnp.sum(p ** 2)
+    >>> peer_loss = lambda p: jnp.sum((p - 1.0) ** 2)
+    >>> tx = samtx.fgsam_perturbation(0.5, lam=0.25)
+    >>> params = jnp.array([3.0, 4.0])
+    >>> out, state = tx.update(jax.grad(graph_loss)(params), tx.init(params),
+    ...                        params, grad_fn=jax.grad(peer_loss))
+    >>> out  # 0.25 * 2 (x + e - 1) + 0.75 * 2 x, e = 0.5 x / |x|
+    Array([5.65, 7.7 ], dtype=float32)
+
+  References:
+    Luo et al., 2024, Fast graph sharpness-aware minimization for enhancing
+    and accelerating few-shot node classification, NeurIPS 2024,
+    https://arxiv.org/abs/2410.16845
+  """
+  who = "fgsam_perturbation"
+  _check_fgsam_args(who, lam=lam, eps=eps, axis_name=axis_name,
+                    norm_axis_name=norm_axis_name)
+  ascent = _sam_ascent(adaptive=False, eta=0.0, eps=eps,
+                       norm_axis_name=norm_axis_name)
+
+  def combine(grads, perturbed, inner, rho_t):
+    g, h = _common.to_stat(grads), _common.to_stat(perturbed)
+    perturbed_step = jnp.asarray(rho_t) > 0
+    output = jax.tree.map(
+        lambda gx, hx: jnp.where(perturbed_step, lam * hx + (1 - lam) * gx,
+                                 gx), g, h)
+    return output, inner
+
+  return _two_pass(who, rho, axis_name, lambda params: optax.EmptyState(),
+                   ascent, norm_axis_name, combine=combine)
+
+
+def _gradient_of(fn, params, like, who: str, name: str):
+  """``fn(params)``, checked to be a gradient tree like ``like``, cast to it."""
+  if fn is None:
+    raise TypeError(
+        f"{who}.update needs the keyword-only argument {name}: a function"
+        " params -> grads of the graph network's loss, e.g. update(grads,"
+        f" state, params, grad_fn=peer_grad, {name}=graph_grad).")
+  if not callable(fn):
+    raise TypeError(f"{who}: {name} must be callable, got {fn!r}.")
+  out = fn(params)
+  expected: Any = jax.tree.structure(like)
+  got = jax.tree.structure(out)
+  if got != expected:
+    raise TypeError(
+        f"{who}: {name} must return a tree with the structure of params;"
+        f" expected {expected}, got {got}.")
+  return _common.cast_like(out, like)
+
+
+def fgsam_plus_perturbation(
+    rho,
+    *,
+    k: int = 2,
+    alpha: float = 0.7,
+    lam: float = 0.5,
+    eps: float = 1e-12,
+    axis_name: Optional[str] = None,
+    norm_axis_name=None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""FGSAM+: FGSAM every ``k``-th step, the peer MLP alone in between.
+
+  The gradient passed to ``update`` is the peer MLP's, :math:`m = \nabla
+  L_X(x)` (message passing off: cheap), on *every* step; the graph network's
+  gradient comes from the keyword-only ``graph_grad_fn``, which only the
+  FGSAM steps call. On steps with ``count % k == 0``, with
+  :math:`g_G` = ``graph_grad_fn(x)`` and :math:`h` = ``grad_fn(x + e)``:
+
+  .. math::
+    e = \rho\,\frac{g_G}{n(g_G) + \epsilon},\quad
+    g_s = \lambda h + (1-\lambda)\, g_G,\quad
+    g_v = g_s - n(g_s)\cos(m, g_s)\,\frac{m}{n(m) + \epsilon},\quad
+    \text{output} = g_s,
+
+  storing :math:`g_v`, the part of FGSAM's gradient orthogonal to the MLP's
+  (the graph topology and the sharpness that the MLP gradient misses). On
+  the other steps neither ``graph_grad_fn`` nor ``grad_fn`` is evaluated
+  (LookSAM's loop, see :func:`looksam_perturbation`):
+
+  .. math::
+    \text{output} = m + \alpha\,\frac{n(m)}{n(g_v) + \epsilon}\, g_v .
+
+  So ``k - 1`` steps in ``k`` cost one MLP gradient, and the FGSAM step one
+  graph-network gradient and two MLP gradients: FGSAM+ can be cheaper per
+  step than the base optimizer on the graph network. Norms are global
+  (samtx's LookSAM convention); the official code uses per-tensor norms.
+  ``rho = 0`` reproduces the base optimizer on the given (MLP) gradient
+  exactly (``g_v`` is then 0). State: one parameter-sized buffer ``g_v`` and
+  its norm (:class:`LookSAMState`).
+
+  Args:
+    rho: radius ``>= 0``, a float or an optax schedule of the step count
+      (the official code's FGSAM+ default is 0.1).
+    k: an FGSAM step every ``k`` steps, an int ``>= 1`` (``k=1``: FGSAM on
+      every step, with the MLP gradient only used to build ``g_v``).
+    alpha: ``>= 0``, the weight of the reused direction.
+    lam: weight of the peer gradient at the perturbed point, in ``[0, 1]``.
+    eps: ``> 0``, keeps a zero gradient finite.
+    axis_name: as in :func:`looksam_perturbation`.
+    norm_axis_name: as in :func:`sam_perturbation`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
+    peer MLP's gradient and needs the keyword-only ``grad_fn`` (the peer
+    MLP's gradient function) and ``graph_grad_fn`` (the graph network's).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> graph_loss = lambda p: jnp.sum(p ** 2) + p[0] * p[1]
+    >>> peer_loss = lambda p: jnp.sum(p ** 2)
+    >>> mlp, graph = jax.grad(peer_loss), jax.grad(graph_loss)
+    >>> tx = samtx.fgsam_plus_perturbation(0.1, k=2, alpha=1.0, lam=0.5)
+    >>> params = jnp.array([1.0, 2.0])
+    >>> state = tx.init(params)
+    >>> out, state = tx.update(mlp(params), state, params, grad_fn=mlp,
+    ...                        graph_grad_fn=graph)
+    >>> [round(float(v), 4) for v in state.inner.g_v]  # orthogonal to m
+    [0.6187, -0.3094]
+    >>> out, state = tx.update(mlp(params), state, params, grad_fn=mlp,
+    ...                        graph_grad_fn=graph)
+    >>> out.round(4)  # m + n(m) g_v / n(g_v), m = (2, 4): no graph gradient
+    Array([6., 2.], dtype=float32)
+
+  References:
+    Luo et al., 2024, Fast graph sharpness-aware minimization for enhancing
+    and accelerating few-shot node classification, NeurIPS 2024,
+    https://arxiv.org/abs/2410.16845
+  """
+  who = "fgsam_plus_perturbation"
+  _check_positive_int("k", k, who)
+  _check_fgsam_args(who, lam=lam, eps=eps, axis_name=axis_name,
+                    norm_axis_name=norm_axis_name, alpha=(alpha, None))
+  sam_ascent = _sam_ascent(adaptive=False, eta=0.0, eps=eps,
+                           norm_axis_name=norm_axis_name)
+
+  def init_inner(params):
+    return LookSAMState(
+        g_v=_common.full_like_stat(params, 0.0),
+        g_v_norm=jnp.zeros([], _common.tree_stat_dtype(params)))
+
+  def reuse(grads, inner, rho_t):
+    del rho_t
+    m = _common.to_stat(grads)
+    m_norm = _common.global_norm(m, inner.g_v_norm.dtype, norm_axis_name)
+    return alpha * m_norm / (inner.g_v_norm + eps), inner.g_v
+
+  def transform(graph_grad_fn):
+    """The rule with this step's ``graph_grad_fn`` (an extra argument, so
+    the rules are built per call, as optax.inject_hyperparams builds its
+    inner transform)."""
+    def ascent(grads, inner, params, rho_t, count):
+      g_graph = _common.to_stat(_gradient_of(graph_grad_fn, params, grads,
+                                             who, "graph_grad_fn"))
+      perturbation, norm, _ = sam_ascent(g_graph, inner, params, rho_t, count)
+      # combine() needs g_G too: it rides in the g_v slot, which combine
+      # overwrites with the real g_v.
+      return perturbation, norm, inner._replace(g_v=g_graph)
+
+    def combine(grads, perturbed, inner, rho_t):
+      m, g_graph = _common.to_stat(grads), inner.g_v
+      h = _common.to_stat(perturbed)
+      keep = _only_when_perturbed(rho_t, jnp.ones([], inner.g_v_norm.dtype))
+      g_s = jax.tree.map(
+          lambda mx, gx, hx: jnp.where(keep > 0, lam * hx + (1 - lam) * gx,
+                                       mx), m, g_graph, h)
+      m_norm, s_norm, cos = _norms_and_cosine(m, g_s, eps, norm_axis_name)
+      along_m = keep * s_norm * cos / (m_norm + eps)
+      g_v = jax.tree.map(lambda sx, mx: keep * sx - along_m * mx, g_s, m)
+      if axis_name is not None:
+        g_v = jax.lax.pmean(g_v, axis_name)
+      return g_s, LookSAMState(
+          g_v=g_v, g_v_norm=_common.global_norm(g_v, m_norm.dtype,
+                                                norm_axis_name))
+
+    return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
+                     combine=combine, reuse=reuse, every=k)
+
+  def update_fn(updates, state, params=None, *, grad_fn=None,
+                graph_grad_fn=None, **extra_args):
+    return transform(graph_grad_fn).update(updates, state, params,
+                                           grad_fn=grad_fn, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(transform(None).init,
+                                               update_fn)

@@ -1,4 +1,5 @@
-"""optax wrappers that need to know about samtx: Lookahead with ``grad_fn``.
+"""optax wrappers that need to know about samtx: Lookahead with ``grad_fn``
+and its anchored form, RAPP.
 
 ``optax.lookahead`` calls its fast optimizer as ``update(updates, state,
 params.fast)`` and accepts no extra arguments, so a two-pass optimizer never
@@ -18,7 +19,7 @@ import optax
 from samtx import _common
 from samtx.msam import unperturb
 
-__all__ = ["lookahead"]
+__all__ = ["lookahead", "rapp"]
 
 
 def _check_sync_period(sync_period, who):
@@ -122,7 +123,100 @@ def lookahead(
     Zhang et al., 2019, Lookahead optimizer: k steps forward, 1 step back,
     https://arxiv.org/abs/1907.08610
   """
-  who = "lookahead"
+  return _lookahead_transform("lookahead", fast_optimizer, sync_period,
+                              slow_step_size, reset_state, anchored=False)
+
+
+def rapp(
+    fast_optimizer: optax.GradientTransformation,
+    sync_period,
+    slow_step_size,
+    reset_state: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RAPP: Lookahead whose inner steps all start from the anchor.
+
+  Relaxed approximate proximal point (Pethick et al., 2023). The slow
+  weights are the anchor :math:`z`; each inner step takes the fast
+  optimizer's step at the current inner iterate but applies it *from the
+  anchor*; every ``sync_period`` steps the anchor moves part of the way to
+  the last inner iterate. For a fast optimizer ``optax.sgd(gamma)`` and an
+  operator :math:`F` (the gradient, or :math:`(\nabla_x f, -\nabla_y f)`
+  for a min-max game), with :math:`\tau` the sync period and
+  :math:`\lambda` the slow step size:
+
+  .. math::
+    w_0 = z_k,\qquad
+    w_{t+1} = z_k - \gamma F(w_t)\quad (t = 0, \dots, \tau - 1),\qquad
+    z_{k+1} = (1 - \lambda)\, z_k + \lambda\, w_\tau .
+
+  The inner loop is a fixed-point iteration for the resolvent
+  :math:`(I + \gamma F)^{-1} z_k` (a contraction when :math:`\gamma L < 1`),
+  so RAPP approximates a relaxed proximal-point step: it converges on
+  cohypomonotone (:math:`\rho`-comonotone with :math:`\rho > -1/(2L)`)
+  problems such as bilinear games, where gradient descent-ascent diverges.
+  :func:`lookahead` is the same loop with :math:`w_{t+1} = w_t - \gamma
+  F(w_t)`; with ``sync_period=1`` the two coincide.
+
+  Any optax optimizer can take the inner step: its update :math:`u_t`
+  (computed from the gradient at :math:`w_t`, with ``params`` :math:`w_t`,
+  its state carried across syncs unless ``reset_state``) gives
+  :math:`w_{t+1} = z_k + u_t`. Extra arguments (``grad_fn``) are forwarded
+  as in :func:`lookahead`, and a one-pass fast optimizer (MSAM) is handled
+  as there: its clean step is applied from the anchor.
+
+  Step counting follows ``optax.lookahead``: every cycle has exactly
+  ``sync_period`` inner steps. (The official PyTorch code syncs before
+  steps ``tau, 2 tau, ...`` counted from 1, so its first cycle has
+  ``tau - 1`` inner steps and the later ones ``tau``; start from
+  ``state._replace(steps_since_sync=1 % tau)`` to reproduce it.)
+
+  Args:
+    fast_optimizer: the inner optimizer, any
+      ``optax.GradientTransformation`` (``optax.sgd(gamma)`` is the paper's).
+    sync_period: ``tau``, an integer ``>= 1``: inner steps per anchor
+      update.
+    slow_step_size: ``lambda`` in ``[0, 1]``, the relaxation of the anchor
+      update (``lambda = 1``: the anchor jumps to ``w_tau``).
+    reset_state: re-initialise the fast optimizer's state after each sync.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` over
+    ``optax.LookaheadParams(fast, slow)`` with state
+    ``optax.LookaheadState``, exactly like :func:`lookahead`: take gradients
+    at ``params.fast`` and evaluate ``params.slow``.
+
+  Raises:
+    TypeError: ``fast_optimizer`` is not a gradient transformation,
+      ``sync_period`` is not an integer or ``reset_state`` not a bool.
+    ValueError: ``sync_period < 1`` or ``slow_step_size`` outside ``[0, 1]``.
+
+  Example:
+    A bilinear game, :math:`\min_x \max_y\, x y`: gradient
+    descent-ascent spirals out, RAPP converges to the saddle point.
+
+    >>> import jax, jax.numpy as jnp, optax, samtx
+    >>> field = lambda p: {"x": p["y"], "y": -p["x"]}  # (df/dx, -df/dy)
+    >>> opt = samtx.rapp(optax.sgd(0.5), sync_period=5, slow_step_size=0.5)
+    >>> params = optax.LookaheadParams.init_synced(
+    ...     {"x": jnp.array(1.0), "y": jnp.array(1.0)})
+    >>> state = opt.init(params)
+    >>> for _ in range(400):
+    ...   updates, state = opt.update(field(params.fast), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(f"{float(jnp.hypot(params.slow['x'], params.slow['y'])):.0e}")
+    4e-03
+
+  References:
+    Pethick, Xie and Cevher, 2023, Stable nonconvex-nonconcave training via
+    linear interpolation, NeurIPS 2023, https://arxiv.org/abs/2310.13459
+  """
+  return _lookahead_transform("rapp", fast_optimizer, sync_period,
+                              slow_step_size, reset_state, anchored=True)
+
+
+def _lookahead_transform(who, fast_optimizer, sync_period, slow_step_size,
+                         reset_state, *, anchored):
+  """Lookahead (``anchored=False``) or RAPP (``anchored=True``)."""
   if not isinstance(fast_optimizer, optax.GradientTransformation):
     raise TypeError(
         f"{who}: fast_optimizer must be an optax.GradientTransformation (e.g."
@@ -150,6 +244,8 @@ def lookahead(
           " params.fast.")
     fast_updates, fast_state = fast_optimizer.update(
         updates, state.fast_state, params.fast, **extra_args)
+    if anchored:
+      fast_updates = _from_the_anchor(fast_updates, params, state.fast_state)
     sync_next = state.steps_since_sync == (sync_period - 1)
     new_fast = jax.tree.map(jnp.add, params.fast, fast_updates)
     shift = _perturbation_shift(params.fast, fast_state)
@@ -183,3 +279,23 @@ def lookahead(
             optax.LookaheadState(fast_state, steps_since_sync))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _from_the_anchor(fast_updates, params, fast_state):
+  """The fast update that moves the held fast weights to ``slow + u``.
+
+  RAPP applies the fast optimizer's step ``u`` (taken with the gradient at
+  the fast weights) from the anchor, the slow weights: the new clean fast
+  weights are ``slow + u + s_new - s_old`` for the clean step of a one-pass
+  optimizer (MSAM, whose held weights sit ``s`` below the clean ones), so
+  the held ones become ``slow + u - s_old``. ``(slow + u) - fast`` rather
+  than ``u + (slow - fast)``: the difference of two iterates within a factor
+  of two of each other is exact (Sterbenz), and then ``fast + update`` is
+  ``slow + u`` to the last bit.
+  """
+  old_shift = _perturbation_shift(params.fast, fast_state)
+  if old_shift is None:
+    return jax.tree.map(lambda u, slow, fast: (slow + u) - fast,
+                        fast_updates, params.slow, params.fast)
+  return jax.tree.map(lambda u, slow, fast, s: (slow + u - s) - fast,
+                      fast_updates, params.slow, params.fast, old_shift)

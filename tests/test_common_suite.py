@@ -48,7 +48,10 @@ def _complex_parabola(dtype):
 
 
 def _update(opt, grad_fn, grads, state, params, **extra):
-  return opt.update(grads, state, params, grad_fn=grad_fn, **extra)
+  # FGSAM+ also takes the graph network's gradient function; here both are
+  # the one loss (every other optimizer ignores the extra argument).
+  return opt.update(grads, state, params, grad_fn=grad_fn,
+                    graph_grad_fn=grad_fn, **extra)
 
 
 def _descent_grad(loss):
@@ -105,7 +108,7 @@ def test_converges(name, target):
                         length=3000)[0]
 
   params, state = run(params, opt.init(params))
-  got = samtx.unperturb(params, state)
+  got = samtx.eval_params(params, state)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=3e-2,
                                rtol=3e-2)
@@ -291,9 +294,10 @@ def test_perturbed_gradient_is_cast_to_the_params_dtype(name):
   bf16_grad_fn = lambda p: f32_grad_fn(p).astype(jnp.bfloat16)
   state = opt.init(params)
   got, got_state = opt.update(bf16_grad_fn(params), state, params,
-                              grad_fn=f32_grad_fn)
+                              grad_fn=f32_grad_fn, graph_grad_fn=f32_grad_fn)
   want, want_state = opt.update(bf16_grad_fn(params), state, params,
-                                grad_fn=bf16_grad_fn)
+                                grad_fn=bf16_grad_fn,
+                                graph_grad_fn=bf16_grad_fn)
   assert got.dtype == jnp.bfloat16
   for a, b in zip(jax.tree.leaves((got, got_state)),
                   jax.tree.leaves((want, want_state))):

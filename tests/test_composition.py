@@ -67,6 +67,13 @@ def grad_fn_for(i):
   return lambda params: _batch_grad(params, i)
 
 
+def gradient_fns(grad_fn):
+  """The extra arguments of every update here: ``grad_fn``, and the graph
+  network's gradient function FGSAM+ also needs (here the same loss; every
+  other optimizer ignores it)."""
+  return {"grad_fn": grad_fn, "graph_grad_fn": grad_fn}
+
+
 @jax.jit
 def mean_loss(params):
   return jnp.mean(jax.vmap(batch_loss, (None, 0))(params, jnp.arange(STEPS)))
@@ -99,12 +106,15 @@ def hand_clip(tree):
 # ---------------------------------------------------------------- the columns
 VARIANTS = {
     "sam": [("sam", {}), ("sam_momentum", {"momentum": 0.9}),
-            ("asam", {"adaptive": True, "eta": 0.01})],
+            ("asam", {"adaptive": True, "eta": 0.01}),
+            ("sam_unnormalized", {"normalize": False})],
     "lightsam": [("lightsam_I", {"variant": "adagrad_norm"}),
                  ("lightsam_II", {"variant": "adagrad"}),
                  ("lightsam_III", {"variant": "adam"})],
     "sam_perturbation": [("sam_perturbation", {}),
-                         ("asam_perturbation", {"adaptive": True, "eta": 0.01})],
+                         ("asam_perturbation", {"adaptive": True, "eta": 0.01}),
+                         ("sam_perturbation_unnormalized",
+                          {"normalize": False})],
     # gamma = 0.9 puts -8 g + 9 h in the step: with a clipped g (and this
     # lr) the run diverges, in the reference as much as in the pipeline.
     "wsam": [("wsam", {"gamma": 0.7})],
@@ -167,8 +177,8 @@ def kind(alias: Alias) -> str:
     return "one_pass"
   called = []
   opt.update(PARAMS, state, PARAMS,
-             grad_fn=lambda p: called.append(True) or jax.tree.map(
-                 jnp.zeros_like, p))
+             **gradient_fns(lambda p: called.append(True) or jax.tree.map(
+                 jnp.zeros_like, p)))
   return "two_pass" if called else "plain"
 
 
@@ -217,7 +227,7 @@ def run_wrapped(cell: Cell, column: Alias) -> list:
   def step(params, state, i):
     grad_fn = cell.grad_fn_wrap(grad_fn_for(i))
     updates, state = tx.update(grad_fn(cell.point(params)), state, params,
-                               grad_fn=grad_fn)
+                               **gradient_fns(grad_fn))
     return optax.apply_updates(params, updates), state
 
   weights = []
@@ -245,7 +255,7 @@ def alias_update(alias: Alias):
 
   @jax.jit
   def update(grads, state, params, i):
-    return opt.update(grads, state, params, grad_fn=grad_fn_for(i))
+    return opt.update(grads, state, params, **gradient_fns(grad_fn_for(i)))
 
   return opt, update
 
@@ -289,7 +299,8 @@ def subtree_run(alias):
 
   @jax.jit
   def update(grads, state, params, i):
-    return opt.update(grads, state, params, grad_fn=sub_grad_fn_for(i))
+    return opt.update(grads, state, params,
+                      **gradient_fns(sub_grad_fn_for(i)))
 
   def step(carry, i):
     x, s = carry
@@ -353,7 +364,8 @@ def injected_run(alias):
   updates = []
   for opt in (before, after):
     updates.append(jax.jit(functools.partial(
-        lambda opt, g, s, x, i: opt.update(g, s, x, grad_fn=grad_fn_for(i)),
+        lambda opt, g, s, x, i: opt.update(g, s, x,
+                                           **gradient_fns(grad_fn_for(i))),
         opt)))
 
   def step(carry, i):
@@ -398,6 +410,80 @@ def lookahead_run(alias):
     fast = tree_add(fast, u)
     if (i + 1) % SYNC == 0:
       clean = samtx.unperturb(fast, s)
+      slow = jax.tree.map(lambda a, b: a + SLOW_STEP * (b - a), slow, clean)
+      fast = jax.tree.map(lambda a, c, f: a - (c - f), slow, clean, fast)
+    return fast, slow, s
+
+  return iterate(step, (PARAMS, PARAMS, opt.init(PARAMS)), lambda c: c[1])
+
+
+GPA_TRAIN, GPA_EVAL = 0.7, 0.6   # samtx.gpa (fast averaging: 8 steps)
+MESA_DECAY = 0.7                 # samtx.mesa
+
+
+@functools.cache
+def _shifted_update(alias: Alias):
+  """The bare alias's update with grad_fn evaluated at q + offset."""
+  opt = alias.build()
+
+  @jax.jit
+  def update(grads, state, params, offset, i):
+    return opt.update(grads, state, params, **gradient_fns(
+        lambda q: grad_fn_for(i)(tree_add(q, offset))))
+
+  return opt, update
+
+
+def gpa_run(alias):
+  """GPA written out, the three sequences stored: the gradient at y, the
+  alias steps z (its perturbation taken around y: grad_fn shifted by y - z),
+  x the EMA of z, y between them. Evaluated at x, with an MSAM alias's
+  current perturbation removed (samtx.eval_params' rule)."""
+  opt, update = _shifted_update(alias)
+
+  def step(carry, i):
+    x, y, z, s = carry
+    offset = jax.tree.map(jnp.subtract, y, z)
+    u, s = update(grad_fn_for(i)(y), s, z, offset, i)
+    z = tree_add(z, u)
+    x = jax.tree.map(lambda a, b: GPA_EVAL * a + (1 - GPA_EVAL) * b, x, z)
+    y = jax.tree.map(lambda a, b: GPA_TRAIN * a + (1 - GPA_TRAIN) * b, x, z)
+    return x, y, z, s
+
+  return iterate(step, (PARAMS, PARAMS, PARAMS, opt.init(PARAMS)),
+                 lambda c: samtx.unperturb(c[0], c[3]))
+
+
+def mesa_run(alias):
+  """The alias alone; the teacher is the EMA of the weights it holds after
+  each step (perturbed ones for MSAM), from the initial weights."""
+  opt, update = alias_update(alias)
+
+  def step(carry, i):
+    x, s, ema = carry
+    u, s = update(grad_fn_for(i)(x), s, x, i)
+    x = tree_add(x, u)
+    ema = jax.tree.map(lambda e, a: MESA_DECAY * e + (1 - MESA_DECAY) * a,
+                       ema, x)
+    return x, s, ema
+
+  return iterate(step, (PARAMS, opt.init(PARAMS), PARAMS), lambda c: c[2])
+def rapp_run(alias):
+  """RAPP written out: each inner step applies the alias's clean step from
+  the anchor (the slow weights); the held fast weights sit below the clean
+  ones by the alias's perturbation (MSAM); syncs as in Lookahead."""
+  opt, update = alias_update(alias)
+
+  def step(carry, i):
+    fast, slow, s = carry
+    clean_before = samtx.unperturb(fast, s)
+    u, s = update(grad_fn_for(i)(fast), s, fast, i)
+    moved = tree_add(fast, u)
+    moved_clean = samtx.unperturb(moved, s)
+    clean = jax.tree.map(lambda z, a, b: z + (a - b), slow, moved_clean,
+                         clean_before)
+    fast = jax.tree.map(lambda c, a, b: c - (a - b), clean, moved_clean, moved)
+    if (i + 1) % SYNC == 0:
       slow = jax.tree.map(lambda a, b: a + SLOW_STEP * (b - a), slow, clean)
       fast = jax.tree.map(lambda a, c, f: a - (c - f), slow, clean, fast)
     return fast, slow, s
@@ -458,6 +544,21 @@ WRAPPERS = {
         wrap=optax.LookaheadParams.init_synced,
         point=lambda params: params.fast,
         evaluate=lambda params, state: params.slow),
+    # Related work: the wrappers hold what the reference writes out.
+    "samtx.gpa": Cell(
+        build=lambda a: samtx.gpa(a.build(), train_interp=GPA_TRAIN,
+                                  eval_interp=GPA_EVAL),
+        reference=gpa_run, evaluate=samtx.eval_params),
+    "samtx.mesa": Cell(
+        build=lambda a: samtx.mesa(a.build(), decay=MESA_DECAY),
+        reference=mesa_run,
+        evaluate=lambda params, state: samtx.ema_params(state)),
+    "samtx.rapp": Cell(
+        build=lambda a: samtx.rapp(a.build(), SYNC, SLOW_STEP),
+        reference=rapp_run,
+        wrap=optax.LookaheadParams.init_synced,
+        point=lambda params: params.fast,
+        evaluate=lambda params, state: params.slow),
     # optax.lookahead's update takes no extra arguments at all.
     "optax.lookahead": Cell(
         build=lambda a: optax.lookahead(a.build(), SYNC, SLOW_STEP),
@@ -478,7 +579,7 @@ def perturbation_then(descent, *, params=PARAMS, grad_fn_of=grad_fn_for,
 
     @jax.jit
     def ascent(grads, state, params, i):
-      return tx.update(grads, state, params, grad_fn=grad_fn_of(i))
+      return tx.update(grads, state, params, **gradient_fns(grad_fn_of(i)))
 
     def step(carry, i):
       x, s, b = carry
@@ -552,9 +653,10 @@ BASES = {
 
 # ---------------------------------------------------------------- the checks
 def _tolerance(column: Alias) -> dict:
-  """float32 rounding; LookSAM rescales g_v by n(g)/n(g_v), which amplifies
-  the rounding differences between a fused chain and the reference."""
-  if column.name.startswith("looksam"):
+  """float32 rounding; LookSAM (and FGSAM+) rescale g_v by n(g)/n(g_v),
+  which amplifies the rounding differences between a fused chain and the
+  reference."""
+  if column.name.startswith(("looksam", "fgsam_plus")):
     return {"rtol": 2e-4, "atol": 2e-5}
   return {"rtol": 2e-5, "atol": 2e-6}
 
@@ -610,7 +712,7 @@ def test_guards_on_a_nan_at_the_perturbed_point(alias):
   samtx_guard = samtx.apply_if_finite(alias.build(), 3)
   state = samtx_guard.init(PARAMS)
   updates, new_state = samtx_guard.update(grads, state, PARAMS,
-                                          grad_fn=nan_grad_fn)
+                                          **gradient_fns(nan_grad_fn))
   two_pass = kind(alias) == "two_pass"
   assert int(new_state.notfinite_count) == int(two_pass)
   if two_pass:
@@ -621,7 +723,7 @@ def test_guards_on_a_nan_at_the_perturbed_point(alias):
       np.testing.assert_array_equal(new, old)
   optax_guard = optax.apply_if_finite(alias.build(), 3)
   updates, new_state = optax_guard.update(
-      grads, optax_guard.init(PARAMS), PARAMS, grad_fn=nan_grad_fn)
+      grads, optax_guard.init(PARAMS), PARAMS, **gradient_fns(nan_grad_fn))
   assert int(new_state.notfinite_count) == 0
   assert all(bool(jnp.isnan(u).all()) == two_pass
              for u in jax.tree.leaves(updates))

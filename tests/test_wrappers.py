@@ -25,7 +25,8 @@ def closed_over(opt, grad_fn):
   opt = optax.with_extra_args_support(opt)
 
   def update_fn(updates, state, params=None):
-    return opt.update(updates, state, params, grad_fn=grad_fn)
+    return opt.update(updates, state, params, grad_fn=grad_fn,
+                      graph_grad_fn=grad_fn)
 
   return optax.GradientTransformation(opt.init, update_fn)
 
@@ -70,7 +71,8 @@ def test_lookahead_follows_optax_lookahead_with_grad_fn_closed_over(
   ours = samtx.lookahead(alias.build(), SYNC, SLOW_STEP, reset_state)
   theirs = optax.lookahead(closed_over(alias.build(), jax.grad(loss)), SYNC,
                            SLOW_STEP, reset_state)
-  got = run_lookahead(ours, loss, params, STEPS, grad_fn=jax.grad(loss))
+  got = run_lookahead(ours, loss, params, STEPS, grad_fn=jax.grad(loss),
+                      graph_grad_fn=jax.grad(loss))
   want = run_lookahead(theirs, loss, params, STEPS)
   for (p, s), (q, r) in zip(got, want):  # the same operations: same bits
     assert_trees_equal(p, q)
