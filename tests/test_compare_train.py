@@ -137,3 +137,84 @@ def test_the_parameter_count_is_the_models():
   data = data_lib.load("digits")
   setup = train.Setup(config.WORKLOADS["digits-mlp"], 1, 32)
   assert train.parameter_count(data, setup) == 64 * 128 + 128 + 128 * 10 + 10
+
+
+def _kl(logits, targets, tau=5.0):
+  """The trajectory loss written out: tau^2 mean_i sum_c p_t log(p_t/p_s)."""
+  p_t = jax.nn.softmax(jax.lax.stop_gradient(targets) / tau, -1)
+  log_s = jax.nn.log_softmax(logits / tau, -1)
+  return tau ** 2 * jnp.mean(jnp.sum(p_t * (jnp.log(p_t) - log_s), -1))
+
+
+def _batches(key, n, b, epochs):
+  """The trainer's minibatch order and dropout keys, epoch by epoch."""
+  for epoch, epoch_key in enumerate(jax.random.split(
+      jax.random.fold_in(key, 1), epochs)):
+    order_key, dropout_key = jax.random.split(epoch_key)
+    perm = np.asarray(jax.random.permutation(order_key, n))
+    keys = jax.random.split(dropout_key, n // b)
+    for i in range(n // b):
+      yield epoch, perm[i * b:(i + 1) * b], keys[i]
+
+
+def _sgd_momentum(params, velocity, grads, lr):
+  velocity = jax.tree.map(lambda v, g: 0.9 * v + g, velocity, grads)
+  return jax.tree.map(lambda p, v: p - lr * v, params, velocity), velocity
+
+
+@pytest.mark.parametrize("kind", ["saf", "mesa"])
+def test_the_trajectory_hook_trains_like_the_papers_loop(kind, digits):
+  # SAF: the targets are the logits recorded for the same examples 3 epochs
+  # earlier (a dict here); MESA: an EMA teacher in evaluation mode with an
+  # EMA of the BatchNorm statistics. The loss gains lambda x the trajectory
+  # loss from the start epoch on; everything else is SGD with momentum.
+  data = digits._replace(x_train=digits.x_train[:64],
+                         y_train=digits.y_train[:64])
+  model_name = "mlp" if kind == "saf" else "cnn"
+  options = ((("hidden", (16,)),) if kind == "saf" else
+             (("channels", (2, 4)), ("kernel", 3), ("dropout", 0.1)))
+  workload = config.Workload("digits", model_name, options, batch_size=16,
+                             trajectory_start=4, eval_examples=64,
+                             hessian_examples=16)
+  setup = train.Setup(workload, epochs=6, batch_size=16, hessian_iters=2)
+  seed, lr, lam = 4, 0.1, 0.7
+  got = train.train_runs(SPECS[kind], data, setup, [lr], [lam], [seed],
+                         [0.0])
+
+  model = models.build(model_name, data, dict(options))
+  key = jax.random.key(seed)
+  params, stats = model.init(jax.random.fold_in(key, 0))
+  velocity = jax.tree.map(jnp.zeros_like, params)
+  x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+  total = 6 * (64 // 16)
+  decay = 1 - 1 / (0.1 * total)
+  ema, ema_stats, seen = params, stats, {}
+
+  def loss(p, s, xb, yb, k, targets, weight):
+    logits, new_s = model.apply(p, s, xb, train=True, key=k)
+    value = train.cross_entropy(logits, yb) + weight * _kl(logits, targets)
+    return value, (new_s, logits)
+
+  for epoch, idx, k in _batches(key, 64, 16, 6):
+    weight = lam if epoch >= 4 else 0.0
+    if kind == "saf":
+      targets = jnp.stack([seen.get((epoch - 3, i), jnp.zeros(10))
+                           for i in idx])
+    else:
+      targets = model.apply(ema, ema_stats, x[idx], train=False)[0]
+    grads, (stats_new, logits) = jax.grad(loss, has_aux=True)(
+        params, stats, x[idx], y[idx], k, targets, weight)
+    params, velocity = _sgd_momentum(params, velocity, grads, lr)
+    stats = stats_new
+    for i, row in zip(idx, logits):
+      seen[epoch, i] = row
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    ema_stats = jax.tree.map(lambda e, s: decay * e + (1 - decay) * s,
+                             ema_stats, stats)
+  logits, _ = model.apply(params, stats, x, train=False)
+  full = float(train.cross_entropy(logits, y))
+  assert float(got["final"]["train_loss"][0]) == pytest.approx(full, rel=1e-4)
+  # The term matters: without it (lambda = 0) the run ends elsewhere.
+  plain = train.train_runs(SPECS[kind], data, setup, [lr], [0.0], [seed],
+                           [0.0])
+  assert abs(float(plain["final"]["train_loss"][0]) - full) > 1e-3

@@ -201,8 +201,9 @@ if all(hasattr(samtx, f) for f in ("trajectory_loss", "saf_memory",
            settings={**_TRAJECTORY, "lag": SAF_LAG}, trajectory="saf")
 if all(hasattr(samtx, f) for f in ("trajectory_loss", "mesa", "ema_params")):
   _MESA_NOTE = ("+ lambda (the rho column) x the trajectory loss against an "
-                "EMA teacher (horizon one epoch, evaluation mode, EMA of the "
-                f"BatchNorm statistics too), temperature {TEMPERATURE:g}")
+                "EMA teacher (horizon a tenth of the run, evaluation mode, EMA "
+                f"of the BatchNorm statistics too), temperature "
+                f"{TEMPERATURE:g}")
   register("mesa", "MESA", lambda lr, rho: optax.sgd(lr, momentum=MOMENTUM),
            two_pass=False, grid="trajectory", family="sgd",
            note="SGD with momentum " + _MESA_NOTE, settings=_TRAJECTORY,

@@ -191,7 +191,9 @@ def _optimizer_step(model: models.Functional, spec: Spec, opt, carry, xb, yb,
   updates, opt_state = opt.update(grads, opt_state, params, **extra)
   params = optax.apply_updates(params, updates)
   if spec.trajectory == "saf":
-    hook = samtx.saf_record(hook, idx, jax.lax.stop_gradient(logits), epoch)
+    # The targets make the write wait for the read: the memory is updated in
+    # place instead of copied every step (samtx.saf_record).
+    hook = samtx.saf_record(hook, idx, logits, epoch, targets=targets)
   elif spec.trajectory == "mesa":
     decay = mesa_decay(total_steps)
     hook = jax.tree.map(lambda e, s: decay * e + (1 - decay) * s, hook,
