@@ -326,7 +326,9 @@ def test_grids_relative_to_the_base_are_tuned_after_it():
   order = experiment._order(["adasam", "sam_adamw", "adamw"], "transformer")
   assert order[0] == "adamw"
   assert tune.grid("transformer", "adasam", anchors={"adamw": 0.01}) == [
-      (0.00333333, 0.02), (0.00333333, 0.1), (0.01, 0.02), (0.01, 0.1)]
+      (0.00333333, 0.05), (0.01, 0.05)]
+  assert tune.grid("transformer", "adamw_family", anchors={"adamw": 0.01}) == [
+      (0.01, 0.02), (0.01, 0.1)]
 
 
 # Ctrl-C during a job (issue 21, item 10): one line, exit 130, finished runs

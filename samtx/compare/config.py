@@ -152,21 +152,22 @@ _CNN_GRIDS = {
     "msam_adamw": ((3e-3, 1e-2), (0.1, 0.3)),
 }
 # The transformer (2 shared CPU cores: the sweep is most of the protocol's
-# time): AdamW's (and Adam's) learning rate first; then the sharpness-aware
-# forms of Adam at that learning rate with two rhos; AdaSAM, whose base rule
-# (AMSGrad: no bias correction) has another scale, and MSAM-AdamW also one
-# step below; GPA (its step is (1 - 0.9967 * 0.7) of AdamW's) one step on
-# either side; MESA at AdamW's learning rate with two lambdas.
+# time): AdamW's (and Adam's) learning rate first; then every other method
+# at AdamW's learning rate with two values of its own hyper-parameter
+# (rho, or MESA's lambda), except where the base rule or the step has
+# another scale: AdaSAM (AMSGrad: no bias correction) one step below and at
+# it, with rho 0.05; GPA (its step is 1 - 0.9967 * 0.7 = 0.30 of AdamW's) at
+# it and one step above.
 _TRANSFORMER_GRIDS = {
     **_SMALL_NETS,
     "sgd": ((0.3, 1.0, 3.0), (0.0,)),
     "adam": ((3e-3, 1e-2, 3e-2), (0.0,)),
     "sam": ((0.3, 1.0), (0.05, 0.2)),
     "msam": ((0.3, 1.0), (0.3, 1.0)),
-    "adasam": (Relative("adamw", (_THIRD, 1.0)), (0.02, 0.1)),
+    "adasam": (Relative("adamw", (_THIRD, 1.0)), (0.05,)),
     "adamw_family": (Relative("adamw", (1.0,)), (0.02, 0.1)),
-    "msam_adamw": (Relative("adamw", (_THIRD, 1.0)), (0.1, 0.3)),
-    "gpa": (Relative("adamw", (_THIRD, 1.0, 3.0)), (0.0,)),
+    "msam_adamw": (Relative("adamw", (1.0,)), (0.1, 0.3)),
+    "gpa": (Relative("adamw", (1.0, 3.0)), (0.0,)),
     "trajectory": (Relative("adamw", (1.0,)), (0.3, 0.8)),
 }
 GRIDS: Dict[str, Dict[str, tuple]] = {
