@@ -186,6 +186,9 @@ def plot_curves(group: dict, families: Dict[str, str], path: str) -> None:
   axes[0].set(xlabel="epoch", ylabel=label)
   axes[1].set(xlabel="epoch", ylabel="train loss (training labels)",
               yscale="log")
+  ticker = __import__("matplotlib.ticker", fromlist=["ticker"])
+  axes[1].yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+  axes[1].yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
   typical = np.median([np.nanmin(c) for c in finals])
   kept = [c for c in finals if np.all(np.isfinite(c))
           and np.max(c[-1:]) < 100 * max(typical, 1e-6)]
@@ -251,7 +254,7 @@ def _place_labels(ax, points, labels, fontsize=8.5):
       if best_cost < 1:
         break
     dx, dy, ha, va, box = best
-    far = np.hypot(dx, dy) > 20
+    far = np.hypot(dx, dy) > 10
     ax.annotate(labels[i], points[i], xytext=(dx, dy),
                 textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
                 arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5")
@@ -301,10 +304,23 @@ def plot_cost(group: dict, families: Dict[str, str], path: str) -> None:
       ax.plot(*zip(*front), "-", color="0.6", lw=1, zorder=0)
     ax.grid(alpha=0.3)
     ax.margins(x=0.12, y=0.12)
+    # Frame the means: one erratic optimizer's error bar may leave the plot
+    # rather than squash every other point together.
+    ys = np.array([p[1] for p in points])
+    stds = np.array([scale * row[f"{key}_std"] for _, row in rows])
+    reach = 3 * float(np.median(stds)) + 1e-9
+    ax.set_ylim(ys.min() - reach, ys.max() + reach)
     _place_labels(ax, points, labels)
   axes[0].set(xlabel=f"time per step relative to {group['base']} "
                      f"(median, IQR)", ylabel=f"{label} (mean ± std)")
   axes[1].set(xlabel="gradient evaluations per step (measured)")
+  names = {"sgd": "SGD-based", "adaptive": "Adam-based",
+           "lightsam": "LightSAM"}
+  shown = sorted({families[n] for n, _ in rows})
+  axes[1].legend(handles=[
+      plt.Line2D([], [], marker="o", ls="", color=_COLOURS[f],
+                 label=names[f]) for f in shown], fontsize=8,
+                 loc="lower right")
   direction = "lower" if group["task"] == "language" else "higher"
   fig.suptitle(f"{group['workload']}, label noise {group['noise']:.0%}, "
                f"{group['seeds']} seeds: {direction} is better, left is "
