@@ -244,7 +244,7 @@ TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
               "lightsam_ii": (0.03, 0.003), "lightsam_iii": (0.003, 0.0003),
               "adasam_delayed": (0.001, 0.05), "msam_adamw": (0.003, 0.1),
               "gsam": (0.3, 0.15), "wsam": (0.1, 0.05),
-              "friendly_sam": (0.3, 0.15), "looksam": (0.1, 0.02)},
+              "friendly_sam": (0.3, 0.15), "looksam": (0.3, 0.15)},
         0.25: {"sgd": (0.03, 0.0), "adamw": (0.001, 0.0),
                "amsgrad": (0.001, 0.0), "sam": (0.03, 0.15),
                "asam": (0.03, 1.5), "msam": (0.1, 1.0),
