@@ -153,21 +153,25 @@ def recommend(group: dict, max_grads: Optional[float] = None
   return pick, tied, best
 
 
-def _time(row: dict) -> str:
-  if row.get("timing_unstable"):
-    return (f"? ({row['relative_time_low']:.2f}-"
-            f"{row['relative_time_high']:.2f}x, repeats disagree)")
-  return f"{row['relative_time']:.2f}x"
-
-
 def _cost_text(row: dict, base: str) -> str:
+  """Gradients per step and the step time relative to the base."""
   grads = row["grad_evals_per_step"]
-  return (f"{_time(row)} {base}'s step, {grads:.3g} "
-          f"gradient{'' if grads == 1 else 's'}")
+  gradients = f"{grads:.3g} gradient{'' if grads == 1 else 's'}"
+  if row.get("timing_unstable"):
+    return (f"{gradients}; time vs {base} not measured (its repeats "
+            f"disagree: {row['relative_time_low']:.2f}-"
+            f"{row['relative_time_high']:.2f}x)")
+  return f"{row['relative_time']:.2f}x {base}'s step, {gradients}"
 
 
 def _label(group: dict, name: str) -> str:
   return group["optimizers"][name]["summary"]["label"]
+
+
+def _named(group: dict, name: str, unit: bool = False) -> str:
+  """``"<label> <mean ± std>"`` of one optimizer of a group."""
+  return (f"{_label(group, name)} "
+          f"{_pm(_rows(group)[name], group['task'], unit)}")
 
 
 def _regime(result: dict, group: dict) -> str:
@@ -205,23 +209,22 @@ def _block_recommendations(results: Dict[str, dict]) -> str:
         f"| {_pm(rows[pick], group['task'], True)} "
         f"| {_cost_text(rows[pick], group['base'])} "
         f"| {', '.join(_label(group, n) for n in tied)} "
-        f"| {_label(group, best)} {_pm(rows[best], group['task'])} "
-        f"| {_label(group, one_pick)} {_pm(rows[one_pick], group['task'])} |")
+        f"| {_named(group, best)} | {_named(group, one_pick)} |")
   return "\n".join(lines)
 
 
 def _block_readme(results: Dict[str, dict]) -> str:
-  lines = ["| workload, regime | use | test metric (mean ± std) | cost per "
-           "step | base optimizer |", "|---|---|---|---|---|"]
+  lines = ["| workload, regime | use: test metric (mean ± std) | cost per "
+           "step | base optimizer |", "|---|---|---|---|"]
   for result, group in _groups(results):
     rows = _rows(group)
     pick, _, _ = recommend(group)
     base = next(n for n, r in rows.items() if r["label"] == group["base"])
     lines.append(
         f"| {_DATA[result['workload']]} {_regime(result, group)} "
-        f"| {_label(group, pick)} | {_pm(rows[pick], group['task'], True)} "
+        f"| {_named(group, pick, True)} "
         f"| {_cost_text(rows[pick], group['base'])} "
-        f"| {group['base']} {_pm(rows[base], group['task'])} |")
+        f"| {_named(group, base)} |")
   return "\n".join(lines)
 
 
