@@ -331,8 +331,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parser.parse_args(argv)
   if args.command is None:
     parser.error("choose a command: compare or sensitivity")
-  message = f"samtx {args.command}: " + experiment.INTERRUPT_MESSAGE.format(
-      out=args.out)
+  if args.command == "compare":
+    message = "samtx compare: " + experiment.INTERRUPT_MESSAGE.format(
+        out=args.out)
+  else:  # the sensitivity grid keeps no per-run records
+    message = f"samtx {args.command}: interrupted; nothing was written"
   try:
     with experiment.interruptible(message):
       args.func(args)
