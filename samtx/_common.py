@@ -7,7 +7,10 @@ evaluation, and the single place that calls a user's ``grad_fn``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+import contextvars
+import inspect
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -53,11 +56,15 @@ def check_float_leaves(tree, who: str) -> None:
   """Rejects integer / boolean leaves, whose gradient has no meaning."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      # optax.masked / set_to_zero would not help: the leaf still reaches
+      # this check. Replacing it by None (an empty subtree) does.
       raise TypeError(
           f"{who}: leaf {jax.tree_util.keystr(path)} has dtype {leaf.dtype};"
           " samtx optimizers need floating-point parameters and gradients."
-          " Keep integer state (step counters, indices) out of the optimized"
-          " tree, or freeze it with optax.masked / optax.set_to_zero.")
+          " Keep integer leaves out of the tree you optimize: optimize"
+          " jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.inexact)"
+          " else None, params) and put the integer leaves back inside the"
+          " loss (docs: guides/optax_chains, 'Integer leaves').")
 
 
 # ----------------------------------------------------------------------------
@@ -104,6 +111,66 @@ def varying_axes(leaf) -> frozenset:
   if varying is None:
     varying = getattr(getattr(aval, "mat", None), "varying", ())
   return frozenset(varying)
+
+
+# Mapped axes over which the values a transform is traced with are declared
+# the same on every device (see ``replicated_inputs``).
+_REPLICATED_AXES: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
+    "samtx_replicated_axes", default=frozenset())
+
+
+@contextlib.contextmanager
+def replicated_inputs(axis_name: str) -> Iterator[None]:
+  """Declares, while tracing, that updates see replicated values over an axis.
+
+  Under ``jax.pmap`` (and a named ``jax.vmap``) values carry no record of
+  which mapped axes they vary over. samtx's data-parallel steps with one
+  global perturbation average the gradient *and* the perturbed gradient
+  before the rule sees them, so every value an update is traced with is the
+  same on all devices of ``axis_name``; inside this context the transforms
+  skip their own averaging over it (a second parameter-sized all-reduce that
+  would change nothing). Inside a vma-checked ``jax.shard_map`` the types say
+  what varies and take precedence.
+  """
+  token = _REPLICATED_AXES.set(_REPLICATED_AXES.get() | {axis_name})
+  try:
+    yield
+  finally:
+    _REPLICATED_AXES.reset(token)
+
+
+def _typed_over(axis_name: str) -> bool:
+  """Whether values record if they vary over ``axis_name`` (shard_map)."""
+  return axis_name in varying_axes(jax.lax.axis_index(axis_name))
+
+
+def _may_vary(axis_name: str):
+  """``leaf -> bool``: whether a leaf may differ between the axis' devices."""
+  if _typed_over(axis_name):
+    return lambda leaf: axis_name in varying_axes(leaf)
+  replicated = axis_name in _REPLICATED_AXES.get()
+  return lambda leaf: not replicated
+
+
+def is_replicated(tree, axis_name: str) -> bool:
+  """Whether every leaf of ``tree`` is known to be the same on all devices.
+
+  Known from the leaf's type inside a vma-checked ``shard_map``, or declared
+  by :func:`replicated_inputs` where values are untyped (``pmap``).
+  """
+  may_vary = _may_vary(axis_name)
+  return not any(may_vary(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def pmean_varying(tree, axis_name: str):
+  """``jax.lax.pmean`` over ``axis_name`` of the leaves that may vary.
+
+  A leaf known to be the same on every device (:func:`is_replicated`) is its
+  own mean and is returned as it is, with no all-reduce.
+  """
+  may_vary = _may_vary(axis_name)
+  return jax.tree.map(
+      lambda x: jax.lax.pmean(x, axis_name) if may_vary(x) else x, tree)
 
 
 def tree_sum(partials, norm_axis_name=None, dtype=None) -> jax.Array:
@@ -227,8 +294,9 @@ def check_scalar(
   Accepts Python numbers and concrete scalar arrays (what
   ``optax.inject_hyperparams`` passes), and, when ``allow_schedule``, any
   callable. Traced values are accepted unchecked: branching in Python on a
-  tracer is impossible, and their concrete value was checked when the
-  optimizer was first built.
+  tracer is impossible. That leaves ``rho`` injected under ``jax.jit`` (and
+  any schedule's values) unchecked, so transforms read it through
+  :func:`rho_at`, which clamps it at 0.
 
   Raises:
     TypeError: the value is not a real scalar (or a schedule when allowed).
@@ -246,7 +314,7 @@ def check_scalar(
     arr = np.asarray(value)
   except Exception as err:  # pragma: no cover - exotic array types
     raise TypeError(f"{who}: {name} must be a real scalar, got {value!r}.") from err
-  if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.floating)
+  if arr.ndim != 0 or not (jnp.issubdtype(arr.dtype, jnp.floating)
                            or np.issubdtype(arr.dtype, np.integer)):
     kind = "a real scalar or an optax schedule" if allow_schedule else "a real scalar"
     raise TypeError(f"{who}: {name} must be {kind}, got {value!r}.")
@@ -261,7 +329,15 @@ def check_scalar(
   if high is not None:
     bad |= x >= high if high_open else x > high
   if bad:
-    raise ValueError(f"{who}: {name} must lie in {valid}, got {value!r}.")
+    hint = ""
+    if jnp.issubdtype(arr.dtype, jnp.floating) and arr.dtype.itemsize < 4:
+      # optax.inject_hyperparams casts hyper-parameters to the params' dtype
+      # by default: b2 = 0.999 becomes bfloat16 1.0.
+      hint = (f" A {arr.dtype} value rounds (e.g. 0.999 -> 1.0):"
+              " optax.inject_hyperparams casts hyper-parameters to the params'"
+              " dtype unless given hyperparam_dtype=jnp.float32.")
+    raise ValueError(
+        f"{who}: {name} must lie in {valid}, got {value!r}.{hint}")
 
 
 def check_axis_names(name: str, value, who: str) -> None:
@@ -292,9 +368,59 @@ def value_at(hyper_parameter: ScalarOrSchedule, count: jax.Array):
   return hyper_parameter
 
 
+def rho_at(rho: ScalarOrSchedule, count: jax.Array):
+  """The radius at step ``count``, clamped at 0: ``rho_t = max(rho_t, 0)``.
+
+  :func:`check_scalar` rejects a negative ``rho`` it can see, but not one
+  that only exists at run time: a schedule that goes below 0, or a value
+  ``optax.inject_hyperparams`` passes as a tracer under ``jax.jit``. A
+  negative radius would silently turn the ascent into a descent, and raising
+  from inside a compiled step is not possible, so every transform that
+  takes ``rho`` reads it here and a negative value acts as ``rho = 0`` (the
+  base optimizer). A Python number was checked at construction and is
+  returned as it is.
+  """
+  value = value_at(rho, count)
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return value
+  value = jnp.asarray(value)
+  return jnp.maximum(value, jnp.zeros_like(value))
+
+
 # ----------------------------------------------------------------------------
 # the one place that evaluates the gradient at a perturbed point
 # ----------------------------------------------------------------------------
+
+
+def value_recorder(grad_fn):
+  """The recorder a ``grad_fn`` carries for values it computes, else None.
+
+  ``samtx.flax``'s ``grad_fn`` s record the loss they compute (for the
+  step's ``perturbed_loss`` metric) in an object with ``latest()`` (the
+  value recorded last) and ``record(value, taken=None)``. A value recorded
+  inside a loop belongs to the loop's trace; a transform that calls
+  ``grad_fn`` inside one (LookSAM) carries ``latest()`` out through the loop
+  and records it again after it, with ``taken`` saying whether the loop's
+  body ran.
+  """
+  recorder = getattr(grad_fn, "recorder", None)
+  if callable(getattr(recorder, "latest", None)) and callable(
+      getattr(recorder, "record", None)):
+    return recorder
+  return None
+
+
+def _takes_one_argument(fn) -> bool:
+  """Whether ``fn(x)`` binds (False for e.g. ``grad_fn(params, i)``)."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # builtins and C callables: assume so
+    return True
+  try:
+    signature.bind(None)
+  except TypeError:
+    return False
+  return True
 
 
 def perturbed_gradient(
@@ -308,7 +434,7 @@ def perturbed_gradient(
 ):
   """Returns ``grad_fn(params + perturbation)``, checked and cast like grads.
 
-  The perturbed gradient is averaged over ``axis_name`` (``jax.lax.pmean``)
+  The perturbed gradient is averaged over ``axis_name`` (:func:`pmean_varying`)
   when one is given, so every device descends along the same direction.
   """
   if grad_fn is None:
@@ -319,6 +445,13 @@ def perturbed_gradient(
         " grad_fn=jax.grad(lambda p: loss(p, batch))).")
   if not callable(grad_fn):
     raise TypeError(f"{who}: grad_fn must be callable, got {grad_fn!r}.")
+  if not _takes_one_argument(grad_fn):
+    raise TypeError(
+        f"{who}: grad_fn must be grad_fn(params) -> grads (one argument, a"
+        f" tree like params), got one with signature"
+        f" {inspect.signature(grad_fn)}; samtx calls it once per step at the"
+        " perturbed point. Adapt an optax.contrib.sam-style grad_fn(params,"
+        " i) as grad_fn=lambda p: contrib_grad_fn(p, 0).")
   if params is None:
     raise ValueError(
         f"{who}.update needs params: the perturbation is applied to them.")
@@ -340,7 +473,7 @@ def perturbed_gradient(
           f" {jax.tree_util.keystr(path)}, expected {jnp.shape(g)}.")
   out = cast_like(out, grads)
   if axis_name is not None:
-    out = jax.lax.pmean(out, axis_name=axis_name)
+    out = pmean_varying(out, axis_name)
   return out
 
 

@@ -77,7 +77,8 @@ def sam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; run-time negatives are
+      clamped to 0 (see :func:`samtx.sam_perturbation`).
     normalize: divide the ascent step by its norm; ``False`` gives
       unnormalized SAM (``e = rho g``, ASAM: ``rho T^2 g``).
     momentum: SGD momentum ``mu`` in ``[0, 1)``; ``None`` (or 0) keeps no
@@ -143,8 +144,9 @@ def amsgrad(
     b2: second-moment decay in ``[0, 1)``.
     eps: ``> 0``.
     delayed: experimental analysis form of the AdaSAM proof (divides by the
-      previous ``vhat`` where it has history); not Algorithm 1, not
-      recommended. See :func:`samtx.scale_by_amsgrad`.
+      previous ``vhat`` where it has history and is at least a quarter of
+      the current one); not Algorithm 1, not recommended. See
+      :func:`samtx.scale_by_amsgrad`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -184,12 +186,14 @@ def adasam(
 
   This is the paper's Algorithm 1. ``rho=0`` equals :func:`samtx.amsgrad`.
   ``delayed=True`` is the experimental *analysis* form of the paper's proof
-  (dividing by the previous ``vhat`` where a coordinate has history), not its
-  Algorithm 1 and not recommended; see :func:`samtx.scale_by_amsgrad`.
+  (dividing by the previous ``vhat`` where a coordinate has history that is
+  at least a quarter of the current ``vhat``), not its Algorithm 1 and not
+  recommended; see :func:`samtx.scale_by_amsgrad`.
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; run-time negatives are
+      clamped to 0 (see :func:`samtx.sam_perturbation`).
     b1: first-moment decay in ``[0, 1)``.
     b2: second-moment decay in ``[0, 1)``.
     eps: ``> 0``, the AMSGrad epsilon (``vhat`` starts at ``eps**2``).
@@ -244,7 +248,8 @@ def lightsam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; run-time negatives are
+      clamped to 0 (see :func:`samtx.sam_perturbation`).
     variant: ``"adagrad_norm"`` (I), ``"adagrad"`` (II) or ``"adam"`` (III).
     b1: first-moment decay of the ``"adam"`` variant.
     b2: second-moment decay of the ``"adam"`` variant.
@@ -306,7 +311,8 @@ def gsam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; run-time negatives are
+      clamped to 0 (see :func:`samtx.sam_perturbation`).
     alpha: ``>= 0``, the weight of the surrogate-gap ascent.
     adaptive: ASAM's ascent point.
     momentum: SGD momentum in ``[0, 1)``; ``None`` (or 0) keeps no momentum
@@ -358,7 +364,8 @@ def wsam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; run-time negatives are
+      clamped to 0 (see :func:`samtx.sam_perturbation`).
     gamma: sharpness weight in ``[0, 1)`` (0.5 is SAM).
     adaptive: ASAM's ascent point.
     momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
@@ -407,7 +414,8 @@ def friendly_sam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; run-time negatives are
+      clamped to 0 (see :func:`samtx.sam_perturbation`).
     sigma: ``>= 0``, how much of the gradient's running mean to remove.
     lmbda: decay of the running mean, in ``[0, 1)``.
     adaptive: ASAM's scaling of the ascent direction.
@@ -456,9 +464,12 @@ def looksam(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; run-time negatives are
+      clamped to 0 (see :func:`samtx.sam_perturbation`).
     k: second gradient every ``k`` steps, an int ``>= 1``.
-    alpha: ``>= 0``, the weight of the reused direction.
+    alpha: ``>= 0``, the weight of the reused direction; set it near SAM's
+      own ``n(g_v)/n(g)`` (e.g. 0.1) rather than the default 0.7, which
+      underfits small models (see :func:`samtx.looksam_perturbation`).
     momentum, nesterov, axis_name, norm_axis_name: as in :func:`samtx.gsam`.
 
   Returns:
@@ -657,6 +668,28 @@ def _on_coupled_adam(perturbation, learning_rate, b1, b2, eps, weight_decay,
   return optax.chain(
       perturbation,
       decay,
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      _in_stat_dtype(optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _in_stat_dtype(inner: optax.GradientTransformation
+                   ) -> optax.GradientTransformation:
+  """``inner`` with its state and arithmetic in the statistics dtype.
+
+  optax's Adam keeps its moments in the params' dtype, where float16 rounds
+  ``eps`` and small squared gradients to 0 (NaN on the first step). Here it
+  sees float32 copies of low-precision updates and params; float32, float64
+  and complex leaves pass through unchanged, so their program is optax's own
+  bit for bit. The updates come back in the gradient's dtype.
+  """
+  def init_fn(params):
+    return inner.init(_common.to_stat(params))
+
+  def update_fn(updates, state, params=None):
+    out, state = inner.update(
+        _common.to_stat(updates), state,
+        None if params is None else _common.to_stat(params))
+    return _common.cast_like(out, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

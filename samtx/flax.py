@@ -89,6 +89,14 @@ def _check_bool(name: str, value, who: str) -> None:
 
 def _split_aux(out, has_aux: bool, who: str):
   """``(loss, aux)`` from a loss function's output, with shape checks."""
+  if not has_aux and isinstance(out, tuple):
+    # The Flax steps keep model state themselves (linen: the TrainState's
+    # batch_stats; NNX: the model, in place): the only tuple is (loss, aux).
+    raise TypeError(
+        f"{who}: loss_fn returned a tuple; pass has_aux=True"
+        " when it returns (loss, aux) with aux a dict of metrics. Model state"
+        " is not returned: BatchNorm statistics are kept by the step (linen:"
+        " the TrainState's batch_stats; NNX: the model, updated in place).")
   loss, _, aux = _parallel._split_loss_output(
       out, has_aux=has_aux, has_model_state=False, who=who)
   return loss, aux
@@ -104,17 +112,30 @@ class _LossRecorder:
   """
 
   def __init__(self):
-    self.value = None
+    self.value: Any = None
+    self.taken: Any = None
     self.trace = None
     self.calls = 0
 
-  def record(self, loss) -> None:
+  def record(self, loss, taken=None) -> None:
+    """Records ``loss``; ``taken`` (a traced bool) says whether grad_fn ran.
+
+    A transform that calls grad_fn inside a loop (LookSAM) records the
+    loss again after the loop, in the step's trace, with ``taken`` False on
+    steps without a second pass.
+    """
     self.value = loss
+    self.taken = taken
     self.trace = jax.extend.core.get_opaque_trace_state()
     self.calls += 1
 
+  def latest(self):
+    """The value recorded last (in the trace that recorded it)."""
+    return self.value
+
   def get(self, fallback):
-    """The recorded loss, or ``fallback`` when grad_fn was never called."""
+    """The recorded loss, or ``fallback`` when grad_fn was never called (or,
+    for LookSAM, did not run on this step)."""
     if self.calls == 0:
       return fallback
     if self.trace != jax.extend.core.get_opaque_trace_state():
@@ -124,6 +145,8 @@ class _LossRecorder:
           " 'perturbed_loss' is NaN. The update itself is unaffected.",
           stacklevel=3)
       return jnp.full_like(fallback, jnp.nan)
+    if self.taken is not None:
+      return jnp.where(self.taken, self.value, fallback)
     return self.value
 
 
@@ -204,6 +227,21 @@ def _data_axis(mesh, axis_name, m_sharpness, who) -> _parallel._DataAxis:
                     f" {axis_name!r}.")
   # pcast is a no-op under pmap and required under shard_map.
   return _parallel._DataAxis(axis_name, m_sharpness=m_sharpness, manual=True)
+
+
+def _refuse_sharded(tree, who: str, routes: str) -> None:
+  """The ``mesh=`` steps replicate the model and optimizer over the data
+  axis: a leaf sharded over the mesh would be gathered onto every device
+  without a word, so it is refused with the routes that keep it sharded."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if (isinstance(leaf, jax.Array) and sharding is not None
+        and not sharding.is_fully_replicated):
+      spec = getattr(sharding, "spec", sharding)
+      raise ValueError(
+          f"{who}: leaf {jax.tree_util.keystr(path)} is sharded ({spec}), but"
+          " with mesh= the step replicates the model and optimizer over the"
+          f" data axis and would gather it onto every device. {routes}")
 
 
 def _over_mesh(body, mesh, axis, n_state, who, probe):
@@ -422,7 +460,9 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
   MSAM these carry the perturbation, evaluate :func:`eval_params` for the
   clean ones); ``perturbed_loss`` is the loss at the point whose gradient
   drives the descent (for MSAM and plain optax the same pass, so equal to
-  ``loss``); ``perturbation_norm`` see :func:`perturbation_norm`. With
+  ``loss``; for LookSAM, on steps that reuse its stored direction instead of
+  taking a second pass, also ``loss``); ``perturbation_norm`` see
+  :func:`perturbation_norm`. With
   ``has_aux=True`` the dict ``aux`` of the clean pass is merged in.
 
   **Several devices** (data parallel). With ``mesh`` the step is a jitted
@@ -442,7 +482,9 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
 
   Two-pass optimizers must be built with ``axis_name`` equal to the step's.
   With ``axis_name`` but no ``mesh`` the returned function is the per-device
-  body, to call inside your own ``jax.shard_map`` or ``jax.pmap``.
+  body, to call inside your own ``jax.shard_map`` or ``jax.pmap``. A state
+  whose arrays are sharded over the mesh is refused with a ``ValueError``
+  (use :func:`samtx.parallel.jit_step` for FSDP or tensor parallelism).
 
   Args:
     loss_fn: ``(params, batch, apply) -> loss`` or ``(loss, aux)``.
@@ -518,8 +560,12 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
       recorder.record(perturbed_loss)  # statistics of this pass: discarded
       return perturbed_grads
 
-    new_state = apply_gradients(
-        state, grads=axis.gradient(grads, two_pass), grad_fn=grad_fn)
+    grad_fn.recorder = recorder  # read by transforms that loop over grad_fn
+
+    with axis.updating(two_pass):
+      new_state = apply_gradients(
+          state, grads=axis.gradient(grads, two_pass),
+          grad_fn=axis.perturbed(grad_fn, two_pass))
     new_state = new_state.replace(
         opt_state=axis.settle(new_state.opt_state, two_pass))
     if batch_stats is not None:
@@ -539,8 +585,15 @@ def make_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
 
   sharded = jax.jit(_over_mesh(lambda state, rngs, batch: train_step(
       state, batch, rngs), mesh, axis, 2, who, probe))
-  return lambda state, batch, rngs=None: sharded(
-      state, _as_rngs(rngs, who), batch)
+
+  def step(state, batch, rngs=None):
+    _refuse_sharded(
+        state, who,
+        "For FSDP or tensor-parallel parameters use samtx.parallel.jit_step"
+        " with a loss that calls the model's apply (docs/guides/sharding.md).")
+    return sharded(state, _as_rngs(rngs, who), batch)
+
+  return step
 
 
 # ----------------------------------------------------------------------------
@@ -645,7 +698,12 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
   positional argument after the optimizer is a global batch split along its
   leading axis; the model and optimizer are replicated, updated in place and
   stay identical on every device (BatchNorm statistics averaged, each
-  device's ``nnx.Rngs`` keys folded with its index for the step).
+  device's ``nnx.Rngs`` keys folded with its index for the step). A model
+  whose arrays are sharded over the mesh (FSDP, tensor parallel) is refused
+  with a ``ValueError``, not gathered: train it without ``mesh`` under
+  ``nnx.jit`` on a mesh with ``Auto`` axes, or with
+  :func:`samtx.parallel.jit_step` on ``nnx.split``'s parameters (the Flax
+  guide's "NNX with FSDP").
 
   Args:
     loss_fn: ``(model, *args) -> loss`` or ``(loss, aux)`` with aux a dict.
@@ -708,7 +766,9 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
       nnx.update(model, axis.mean(nnx.as_pure(nnx.state(model, model_state))))
       grads = axis.gradient(grads, two_pass)
     if _takes_extra_args(optimizer.tx):
-      optimizer.update(model, grads, grad_fn=grad_fn)
+      with axis.updating(two_pass):
+        optimizer.update(model, grads,
+                         grad_fn=axis.perturbed(grad_fn, two_pass))
     else:  # a plain transformation has no use for grad_fn (and rejects it)
       optimizer.update(model, grads)
     if several and two_pass:
@@ -744,6 +804,13 @@ def make_nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False,
       raise TypeError(f"{who}: optimizer must be an nnx.Optimizer, got"
                       f" {type(optimizer).__name__}.")
     graphdef, values = nnx.split((model, optimizer))
+    _refuse_sharded(
+        nnx.as_pure(values), who,
+        "For FSDP or tensor-parallel parameters, train without mesh=:"
+        " nnx.jit(samtx.flax.make_nnx_train_step(loss_fn)) under"
+        " jax.set_mesh(mesh) on a mesh with Auto axes, or"
+        " samtx.parallel.jit_step on the params of nnx.split(model,"
+        " nnx.Param, ...) (docs/guides/flax.md, 'NNX with FSDP').")
     values, metrics = sharded(graphdef, nnx.as_pure(values), *args)
     nnx.update((model, optimizer), values)
     return metrics

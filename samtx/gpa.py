@@ -11,6 +11,7 @@ weights, the held parameters otherwise).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -59,6 +60,8 @@ def _is_gradient_function(name: str, value) -> bool:
 
 def _shifted(grad_fn, offset):
   """``q -> grad_fn(q + offset)``, the sum taken in ``offset``'s precision."""
+  # wraps keeps what grad_fn carries (samtx.flax's loss recorder).
+  @functools.wraps(grad_fn)
   def shifted_grad_fn(point):
     return grad_fn(jax.tree.map(
         lambda q, d: (q.astype(d.dtype) + d).astype(q.dtype), point, offset))

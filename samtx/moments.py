@@ -58,6 +58,12 @@ def _check_moment_args(who, *, b1=None, b2=None, eps):
   _common.check_scalar("eps", eps, low=0.0, low_open=True, who=who)
 
 
+# The delayed form divides by the previous running maximum only where it is
+# at least this fraction of the current one (see scale_by_amsgrad): steps are
+# then at most 1/sqrt(0.25) = 2 times Algorithm 1's.
+DELAYED_FLOOR = 0.25
+
+
 class ScaleByAmsgradState(NamedTuple):
   """State of :func:`scale_by_amsgrad`.
 
@@ -97,17 +103,26 @@ def scale_by_amsgrad(
   ``delayed=True`` is **experimental**: the *analysis* form of the AdaSAM
   proof, not its Algorithm 1 and not recommended for training. It divides
   by the previous running maximum, so the step size does not depend on the
-  current gradient, per coordinate:
+  current gradient, per coordinate, wherever that maximum is a usable
+  history:
 
   .. math::
     u_t = m_t / \sqrt{d_t},\quad d_t = \begin{cases}
-      \hat v_{t-1} & \hat v_{t-1} > \epsilon^2 \\
-      \hat v_t & \text{otherwise (no history yet, e.g. step 0)}
+      \hat v_{t-1} & \hat v_{t-1} > \epsilon^2 \text{ and }
+        \hat v_{t-1} \ge \hat v_t / 4 \\
+      \hat v_t & \text{otherwise}
     \end{cases}
 
-  Dividing by :math:`\hat v_{t-1} = \epsilon^2` alone would step by
-  :math:`(1-\beta_1)|h|/\epsilon` the first time a coordinate with an
-  all-zero history (a dead ReLU unit) moves, which diverges.
+  Both guards bound the step: :math:`|u_t| \le 2 |m_t| / \sqrt{\hat v_t}`,
+  at most twice Algorithm 1's. Without the first, a coordinate with an
+  all-zero history (a dead ReLU unit, step 0) would step by
+  :math:`(1-\beta_1)|h|/\epsilon`; without the second, one with a tiny
+  history (``4e-15`` after a perturbed step on Rosenbrock) would divide its
+  first O(1) gradient by the square root of that and diverge. The second
+  guard only fires on a spike: with :math:`\beta_2 = 0.999`,
+  :math:`\hat v_t > 4 \hat v_{t-1}` needs :math:`h_t^2 > 3000\, \hat
+  v_{t-1}`, a gradient about 55 times its running RMS; everywhere else the
+  step is the analysis form's :math:`m_t/\sqrt{\hat v_{t-1}}`.
 
   This differs from ``optax.scale_by_amsgrad``, which bias-corrects ``m`` and
   ``v`` and adds ``eps`` outside the square root.
@@ -155,7 +170,8 @@ def scale_by_amsgrad(
     if delayed:
       def delayed_denominator(new, prev):
         has_history = prev > _common.initial_second_moment(eps, prev.dtype)
-        return jnp.where(has_history, prev, new)
+        not_dwarfed = prev >= DELAYED_FLOOR * new
+        return jnp.where(has_history & not_dwarfed, prev, new)
       denominator = jax.tree.map(delayed_denominator, nu_max, state.nu_max)
     else:
       denominator = nu_max

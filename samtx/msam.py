@@ -116,7 +116,7 @@ def _one_pass(
       return step, MSAMState(count=count, scale=jnp.zeros_like(state.scale),
                              base_state=base_state)
     new_momentum = _momentum_of(base_state)
-    new_rho = _common.value_at(rho, state.count)
+    new_rho = _common.rho_at(rho, state.count)
     new_scale = jnp.asarray(
         new_rho / (_common.global_norm(new_momentum, None, norm_axis_name)
                    + _MSAM_NORM_EPS), state.scale.dtype)
@@ -162,7 +162,9 @@ def msam(
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
     rho: ``>= 0``, a float or an optax schedule; ``rho=0`` is exactly
-      ``optax.sgd(learning_rate, momentum, nesterov)``.
+      ``optax.sgd(learning_rate, momentum, nesterov)``. Run-time negatives
+      (a schedule's, or injected under ``jax.jit``) are clamped to 0 (see
+      :func:`samtx.sam_perturbation`).
     momentum: ``mu`` in ``[0, 1)``.
     nesterov: Nesterov momentum.
     norm_axis_name: mesh axis name(s) the parameters are sharded over inside
@@ -244,7 +246,8 @@ def msam_adamw(
 
   Args:
     learning_rate: ``>= 0``, a float or an optax schedule.
-    rho: ``>= 0``, a float or an optax schedule.
+    rho: ``>= 0``, a float or an optax schedule; run-time negatives are
+      clamped to 0 (see :func:`samtx.sam_perturbation`).
     b1: first-moment decay in ``[0, 1)``.
     b2: second-moment decay in ``[0, 1)``.
     eps: ``> 0``, added to the bias-corrected ``sqrt(v)`` as in Adam.

@@ -41,9 +41,13 @@ Two ways to perturb (two-pass optimizers: SAM, ASAM, AdaSAM, LightSAM):
   ``m`` the per-device batch; it usually generalises better and costs no
   extra communication.
 - **global perturbation** (``m_sharpness=False``): the clean gradient is
-  averaged first, so all devices share ``e = rho g / ||g||``; the result
-  equals a single-device run on the whole batch (up to float reduction
-  order). Use it when the numbers must not depend on the device count.
+  averaged first, so all devices share ``e = rho g / ||g||``, and so is the
+  perturbed gradient ``h``: every gradient the optimizer sees is the global
+  one and its rule runs once on them (GSAM's cosine and norms of ``h``
+  included); the result equals a single-device run on the whole batch (up to
+  float reduction order). The step all-reduces ``g`` and ``h``; the
+  optimizer does not average again what is already replicated. Use it when
+  the numbers must not depend on the device count.
 
 In m-sharpness mode the ascent statistics that depend on the local gradient
 (``PerturbationState.perturbation_norm`` and LightSAM's ascent accumulators)
@@ -67,6 +71,8 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
@@ -247,22 +253,18 @@ def _perturbation_states(state) -> list:
 def _mean_inexact(tree, axis_name, *, skip_replicated=False):
   """``pmean``s the float leaves of ``tree``; integer leaves are left alone.
 
-  With ``skip_replicated``, leaves typed as replicated over the axis (inside
-  a vma-checked ``shard_map``) are the same on every device and are left
-  alone too; where nothing is typed (``pmap``, named ``vmap``), every float
-  leaf is averaged.
+  With ``skip_replicated``, leaves known to be the same on every device
+  (typed replicated inside a vma-checked ``shard_map``) are left alone too
+  (:func:`samtx._common.pmean_varying`); where nothing is typed (``pmap``,
+  named ``vmap``), every float leaf is averaged.
   """
-  typed = skip_replicated and axis_name in _common.varying_axes(
-      jax.lax.axis_index(axis_name))
-
-  def mean(x):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-      return x
-    if typed and axis_name not in _common.varying_axes(x):
-      return x
-    return jax.lax.pmean(x, axis_name)
-
-  return jax.tree.map(mean, tree)
+  if skip_replicated:
+    average = lambda x: _common.pmean_varying(x, axis_name)
+  else:
+    average = lambda x: jax.lax.pmean(x, axis_name)
+  return jax.tree.map(
+      lambda x: average(x) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+      else x, tree)
 
 
 def _average_perturbation_state(state, axis_name):
@@ -476,6 +478,40 @@ class _DataAxis:
       return grads
     return jax.lax.pmean(grads, self.axis_name)
 
+  def _global_perturbation(self, two_pass: bool) -> bool:
+    return self.axis_name is not None and two_pass and not self.m_sharpness
+
+  def perturbed(self, grad_fn, two_pass: bool):
+    """The ``grad_fn`` the optimizer gets: with one global perturbation, the
+    perturbed gradient averaged over the axis, like the clean one.
+
+    Every gradient the rule sees is then the whole batch's, so rules that
+    are nonlinear in the perturbed gradient (GSAM's cosine and norms) give
+    the single-device numbers; per-device ``h`` combined with the global
+    ``g`` and averaged afterwards would not.
+    """
+    if not self._global_perturbation(two_pass):
+      return grad_fn
+
+    # wraps keeps what grad_fn carries (samtx.flax's loss recorder).
+    @functools.wraps(grad_fn)
+    def averaged(params):
+      return jax.lax.pmean(grad_fn(params), self.axis_name)
+
+    return averaged
+
+  def updating(self, two_pass: bool):
+    """The context to call ``optimizer.update`` in.
+
+    With one global perturbation everything the update sees is replicated;
+    declaring it (:func:`samtx._common.replicated_inputs`) spares the
+    transforms a second, redundant all-reduce under ``pmap``, where values
+    are untyped (inside ``shard_map`` the types already say so).
+    """
+    if self.axis_name is None or not self._global_perturbation(two_pass):
+      return contextlib.nullcontext()
+    return _common.replicated_inputs(self.axis_name)
+
   def settle(self, opt_state, two_pass: bool):
     """Averages local ascent statistics so the state stays replicated."""
     if self.axis_name is None or not (two_pass and self.m_sharpness):
@@ -498,8 +534,9 @@ def _train_body(call, optimizer, axis: _DataAxis, who):
       # Same batch, model state and key; this pass's model state is dropped.
       return jax.grad(lambda q: local(q)[0])(axis.vary(p))
 
-    updates, opt_state = optimizer.update(
-        grads, opt_state, params, grad_fn=grad_fn)
+    with axis.updating(two_pass):
+      updates, opt_state = optimizer.update(
+          grads, opt_state, params, grad_fn=axis.perturbed(grad_fn, two_pass))
     opt_state = axis.settle(opt_state, two_pass)
     params = optax.apply_updates(params, updates)
     metrics = _merge_metrics({"loss": loss}, aux, who)
@@ -653,13 +690,31 @@ def shard(tree, mesh: Mesh, specs):
       jax.tree.map(lambda x: jnp.array(x, copy=True), tree), mesh, specs)
 
 
+@jax.tree_util.register_pytree_node_class
+class _ParamsSlot:
+  """A leafless stand-in for the params: ``optimizer.init`` of it marks
+  where the state holds parameter-shaped trees (as in
+  ``optax.tree_map_params``)."""
+
+  def tree_flatten(self):
+    return (), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux, children
+    return cls()
+
+
 def state_specs(optimizer: optax.GradientTransformation, params, param_specs):
   """The ``PartitionSpec`` of every optimizer-state leaf, from the params'.
 
   Every parameter-shaped state leaf (moments, accumulators, LightSAM's
   ascent statistics, MSAM's momentum) gets its parameter's spec; scalars and
-  other leaves are replicated (``P()``). Found with
-  ``optax.tree_map_params``, abstractly (nothing is allocated).
+  other leaves are replicated (``P()``). Found the way
+  ``optax.tree_map_params`` finds them, abstractly (nothing is allocated).
+  For ``samtx.lookahead`` (and ``optax.lookahead``), whose params are an
+  ``optax.LookaheadParams(fast, slow)`` pair, the fast optimizer's state
+  takes the specs of ``params.fast``.
 
   Args:
     optimizer: an optax optimizer.
@@ -681,9 +736,28 @@ def state_specs(optimizer: optax.GradientTransformation, params, param_specs):
   """
   param_specs = _spec_tree(param_specs, params, "state_specs", "param_specs")
   state = jax.eval_shape(optimizer.init, params)
-  return optax.tree_map_params(
-      optimizer, lambda _, spec: spec, state, param_specs,
-      transform_non_params=lambda _: P(), is_leaf=_is_spec)
+  # Lookahead (samtx's and optax's) keeps its fast optimizer's state, whose
+  # parameter-shaped parts follow params.fast, not the (fast, slow) pair.
+  candidates = [param_specs]
+  if isinstance(param_specs, optax.LookaheadParams):
+    candidates.append(param_specs.fast)
+
+  def specs_like(params_shaped):
+    structure: Any = jax.tree.structure(params_shaped)
+    for specs in candidates:
+      if structure == jax.tree.structure(specs, is_leaf=_is_spec):
+        return specs
+    raise ValueError(
+        "state_specs: a parameter-shaped part of the optimizer state has the"
+        f" structure {structure}, which is not that of the params"
+        f" {jax.tree.structure(param_specs, is_leaf=_is_spec)}.")
+
+  # optax.tree_map_params, but the whole parameter-shaped subtree is seen.
+  slots = optimizer.init(_ParamsSlot())
+  is_slot = lambda x: isinstance(x, _ParamsSlot)
+  return jax.tree.map(
+      lambda slot, value: specs_like(value) if is_slot(slot) else P(),
+      slots, state, is_leaf=is_slot)
 
 
 def init_sharded(optimizer: optax.GradientTransformation, params, mesh: Mesh,

@@ -34,6 +34,13 @@ def leaves(tree):
   return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
 
 
+def gradient_fns(grad_fn):
+  """The extra arguments the tests pass to every update: ``grad_fn``, and the
+  graph network's gradient function FGSAM+ also needs (here the same loss;
+  every other optimizer ignores it)."""
+  return {"grad_fn": grad_fn, "graph_grad_fn": grad_fn}
+
+
 def make_step(opt, loss):
   """A jitted training step that hands grad_fn to the optimizer."""
   grad_fn = jax.grad(loss)
@@ -41,7 +48,7 @@ def make_step(opt, loss):
   @jax.jit
   def step(params, state):
     grads = grad_fn(params)
-    updates, state = opt.update(grads, state, params, grad_fn=grad_fn)
+    updates, state = opt.update(grads, state, params, **gradient_fns(grad_fn))
     return optax.apply_updates(params, updates), state
 
   return step

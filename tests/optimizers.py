@@ -21,8 +21,8 @@ def gpa_adam(learning_rate, train_interp, eval_interp):
                    eval_interp=eval_interp)
 
 
-def gpa_sam(learning_rate, rho, train_interp, eval_interp):
-  return samtx.gpa(samtx.sam(learning_rate, rho=rho),
+def gpa_sam(learning_rate, rho, train_interp, eval_interp, axis_name=None):
+  return samtx.gpa(samtx.sam(learning_rate, rho=rho, axis_name=axis_name),
                    train_interp=train_interp, eval_interp=eval_interp)
 
 
@@ -30,8 +30,9 @@ def mesa_sgd(learning_rate, momentum, decay):
   return samtx.mesa(optax.sgd(learning_rate, momentum=momentum), decay=decay)
 
 
-def mesa_sam(learning_rate, rho, decay):
-  return samtx.mesa(samtx.sam(learning_rate, rho=rho), decay=decay)
+def mesa_sam(learning_rate, rho, decay, axis_name=None):
+  return samtx.mesa(samtx.sam(learning_rate, rho=rho, axis_name=axis_name),
+                    decay=decay)
 
 
 @dataclasses.dataclass(frozen=True)

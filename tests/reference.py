@@ -80,8 +80,9 @@ class AMSGrad:
     prev = self.vhat
     self.vhat = [np.maximum(p, v) for p, v in zip(prev, self.v)]
     if self.delayed:
-      # Previous vhat where a coordinate has history, else this step's.
-      denom = [np.where(p > self.eps ** 2, p, vh)
+      # Previous vhat where a coordinate has history that is at least a
+      # quarter of this step's vhat, else this step's.
+      denom = [np.where((p > self.eps ** 2) & (4 * p >= vh), p, vh)
                for p, vh in zip(prev, self.vhat)]
     else:
       denom = self.vhat
@@ -147,7 +148,13 @@ def lightsam_run(problem, steps, lr, rho, variant, *, eps=1e-8, b1=0.9,
 
 def msam_adamw_run(problem, steps, lr, rho, *, b1=0.9, b2=0.999, eps=1e-8,
                    weight_decay=1e-2):
-  """The official AdamW_MSAM recurrence; returns (held x~, clean x) per step."""
+  """The official AdamW_MSAM recurrence; returns (held x~, clean x) per step.
+
+  ``lr`` may be a function of the step index counted from 0 (a scheduler
+  that sets the group's lr before each step): the Adam step and the decay
+  of one step both use that step's value.
+  """
+  lr_of = lr if callable(lr) else (lambda _: lr)
   x = [np.array(v, np.float64) for v in problem.x0]
   m = [np.zeros_like(xi) for xi in x]
   v = [np.zeros_like(xi) for xi in x]
@@ -155,6 +162,7 @@ def msam_adamw_run(problem, steps, lr, rho, *, b1=0.9, b2=0.999, eps=1e-8,
   held = [xi.copy() for xi in x]
   out = []
   for t in range(1, steps + 1):
+    lr = lr_of(t - 1)
     g = problem.grad(held)
     x = [h + c * mi for h, mi in zip(held, m)]
     m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]

@@ -67,11 +67,6 @@ def grad_fn_for(i):
   return lambda params: _batch_grad(params, i)
 
 
-def gradient_fns(grad_fn):
-  """The extra arguments of every update here: ``grad_fn``, and the graph
-  network's gradient function FGSAM+ also needs (here the same loss; every
-  other optimizer ignores it)."""
-  return {"grad_fn": grad_fn, "graph_grad_fn": grad_fn}
 
 
 @jax.jit
@@ -177,7 +172,7 @@ def kind(alias: Alias) -> str:
     return "one_pass"
   called = []
   opt.update(PARAMS, state, PARAMS,
-             **gradient_fns(lambda p: called.append(True) or jax.tree.map(
+             **helpers.gradient_fns(lambda p: called.append(True) or jax.tree.map(
                  jnp.zeros_like, p)))
   return "two_pass" if called else "plain"
 
@@ -227,7 +222,7 @@ def run_wrapped(cell: Cell, column: Alias) -> list:
   def step(params, state, i):
     grad_fn = cell.grad_fn_wrap(grad_fn_for(i))
     updates, state = tx.update(grad_fn(cell.point(params)), state, params,
-                               **gradient_fns(grad_fn))
+                               **helpers.gradient_fns(grad_fn))
     return optax.apply_updates(params, updates), state
 
   weights = []
@@ -255,7 +250,7 @@ def alias_update(alias: Alias):
 
   @jax.jit
   def update(grads, state, params, i):
-    return opt.update(grads, state, params, **gradient_fns(grad_fn_for(i)))
+    return opt.update(grads, state, params, **helpers.gradient_fns(grad_fn_for(i)))
 
   return opt, update
 
@@ -300,7 +295,7 @@ def subtree_run(alias):
   @jax.jit
   def update(grads, state, params, i):
     return opt.update(grads, state, params,
-                      **gradient_fns(sub_grad_fn_for(i)))
+                      **helpers.gradient_fns(sub_grad_fn_for(i)))
 
   def step(carry, i):
     x, s = carry
@@ -365,7 +360,7 @@ def injected_run(alias):
   for opt in (before, after):
     updates.append(jax.jit(functools.partial(
         lambda opt, g, s, x, i: opt.update(g, s, x,
-                                           **gradient_fns(grad_fn_for(i))),
+                                           **helpers.gradient_fns(grad_fn_for(i))),
         opt)))
 
   def step(carry, i):
@@ -428,7 +423,7 @@ def _shifted_update(alias: Alias):
 
   @jax.jit
   def update(grads, state, params, offset, i):
-    return opt.update(grads, state, params, **gradient_fns(
+    return opt.update(grads, state, params, **helpers.gradient_fns(
         lambda q: grad_fn_for(i)(tree_add(q, offset))))
 
   return opt, update
@@ -579,7 +574,7 @@ def perturbation_then(descent, *, params=PARAMS, grad_fn_of=grad_fn_for,
 
     @jax.jit
     def ascent(grads, state, params, i):
-      return tx.update(grads, state, params, **gradient_fns(grad_fn_of(i)))
+      return tx.update(grads, state, params, **helpers.gradient_fns(grad_fn_of(i)))
 
     def step(carry, i):
       x, s, b = carry
@@ -712,7 +707,7 @@ def test_guards_on_a_nan_at_the_perturbed_point(alias):
   samtx_guard = samtx.apply_if_finite(alias.build(), 3)
   state = samtx_guard.init(PARAMS)
   updates, new_state = samtx_guard.update(grads, state, PARAMS,
-                                          **gradient_fns(nan_grad_fn))
+                                          **helpers.gradient_fns(nan_grad_fn))
   two_pass = kind(alias) == "two_pass"
   assert int(new_state.notfinite_count) == int(two_pass)
   if two_pass:
@@ -723,7 +718,7 @@ def test_guards_on_a_nan_at_the_perturbed_point(alias):
       np.testing.assert_array_equal(new, old)
   optax_guard = optax.apply_if_finite(alias.build(), 3)
   updates, new_state = optax_guard.update(
-      grads, optax_guard.init(PARAMS), PARAMS, **gradient_fns(nan_grad_fn))
+      grads, optax_guard.init(PARAMS), PARAMS, **helpers.gradient_fns(nan_grad_fn))
   assert int(new_state.notfinite_count) == 0
   assert all(bool(jnp.isnan(u).all()) == two_pass
              for u in jax.tree.leaves(updates))

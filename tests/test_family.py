@@ -545,3 +545,147 @@ def test_looksam_runs_with_a_per_device_state_inside_shard_map():
     scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want))
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+
+
+# ------------------------------------------------- complex parameters
+def _complex_problem():
+  """A complex leaf z = a + i b whose loss is the reference problem over the
+  real leaves (a, b): samtx on z must equal the NumPy rule on (a, b)."""
+  problem = reference.Problem([(5,), (5,)], seed=3)
+  a, c, d = ([jnp.asarray(v, jnp.float32) for v in vs]
+             for vs in (problem.a, problem.c, problem.d))
+
+  def loss(z):
+    parts = (jnp.real(z), jnp.imag(z))
+    return sum(jnp.sum(ai * x ** 4 / 4 + ci * x ** 2 / 2 + di * x)
+               for x, ai, ci, di in zip(parts, a, c, d))
+
+  z0 = jnp.asarray(problem.x0[0] + 1j * problem.x0[1], jnp.complex64)
+  # optax's convention for complex leaves: descend along conj(jax.grad)
+  grad = lambda z: jnp.conj(jax.grad(loss)(z))
+  return problem, z0, grad
+
+
+@pytest.mark.parametrize("name,make,rule", [
+    ("gsam", lambda: samtx.gsam(LR, 0.1, alpha=0.6),
+     lambda: reference.gsam_rule(0.1, 0.6)),
+    ("looksam", lambda: samtx.looksam(LR, 0.1, k=2, alpha=0.7),
+     lambda: reference.LookSAMRule(0.1, 2, 0.7)),
+])
+def test_complex_cosine_is_the_real_inner_product(name, make, rule):
+  """GSAM's and LookSAM's cosine use Re <g, h> = sum Re(conj(g) h), the inner
+  product of the real embedding; without the conjugation (sum Re(g h)) the
+  imaginary parts enter with the wrong sign, which a leaf with a non-trivial
+  phase exposes."""
+  del name
+  problem, z, grad = _complex_problem()
+  assert float(jnp.min(jnp.abs(jnp.angle(z) % (np.pi / 2)))) > 1e-2
+  opt = make()
+  state = opt.init(z)
+  step = jax.jit(lambda z, s: opt.update(grad(z), s, z, grad_fn=grad))
+  want = reference.run_rule(problem, STEPS, LR, rule(),
+                            reference.SGD(problem.x0))
+  for t in range(STEPS):
+    updates, state = step(z, state)
+    z = z + updates
+    np.testing.assert_allclose(np.real(z), want[t][0], rtol=3e-5, atol=3e-6,
+                               err_msg=f"step {t}")
+    np.testing.assert_allclose(np.imag(z), want[t][1], rtol=3e-5, atol=3e-6,
+                               err_msg=f"step {t}")
+
+
+# ------------------------------ LookSAM against pytorch_optimizer's LookSAM
+def _pytorch_optimizer_looksam_adamw(problem, steps, *, lr, rho, k, alpha,
+                                     b1, b2, eps, weight_decay,
+                                     per_tensor=True):
+  """pytorch_optimizer's ``LookSAM`` (``optimizer/sam.py``) around
+  ``torch.optim.AdamW``, transcribed for a list of tensors.
+
+  Its refresh schedule reads AdamW's ``state['step']`` (t steps taken before
+  step t), so step t takes the second pass when t % k == 0. The ascent uses
+  the global norm (+1e-12); g_v and the reuse scaling use per-tensor norms
+  (no eps in the cosine, +1e-8 in the reuse); on other steps the closure
+  recomputes the gradient at x (the same g). AdamW decays the weights by
+  (1 - lr wd) first, then takes the bias-corrected Adam step with eps added
+  to sqrt(v) / sqrt(1 - b2^t). With ``per_tensor=False`` the cosine, g_v
+  and the reuse scaling use global norms: the paper's Algorithm 1.
+  """
+  rule = reference.LookSAMRule(rho, k, alpha)  # the paper's, for per_tensor=False
+  xs = [np.array(x, np.float64) for x in problem.x0]
+  m = [np.zeros_like(x) for x in xs]
+  v = [np.zeros_like(x) for x in xs]
+  g_v = [None] * len(xs)
+  out = []
+  for t in range(steps):
+    gs = problem.grad(xs)
+    if not per_tensor:
+      ds = rule(xs, gs, problem.grad)
+    elif t % k == 0:
+      scale = rho / (reference.norm(gs) + 1e-12)
+      hs = problem.grad([x + scale * g for x, g in zip(xs, gs)])
+      for i, (g, h) in enumerate(zip(gs, hs)):
+        unit_g = g / np.linalg.norm(g)
+        h_norm = np.linalg.norm(h)
+        g_v[i] = h - h_norm * np.sum(unit_g * h / h_norm) * unit_g
+      ds = hs
+    else:
+      ds = [g + alpha * np.linalg.norm(g) / (np.linalg.norm(gv) + 1e-8) * gv
+            for g, gv in zip(gs, g_v)]
+    step = t + 1
+    xs = [x * (1 - lr * weight_decay) for x in xs]
+    m = [b1 * mi + (1 - b1) * d for mi, d in zip(m, ds)]
+    v = [b2 * vi + (1 - b2) * d * d for vi, d in zip(v, ds)]
+    denom = [np.sqrt(vi) / np.sqrt(1 - b2 ** step) + eps for vi in v]
+    xs = [x - lr / (1 - b1 ** step) * mi / di
+          for x, mi, di in zip(xs, m, denom)]
+    out.append([x.copy() for x in xs])
+  return out
+
+
+@pytest.mark.parametrize("k,alpha", [(3, 0.7), (2, 0.15)])
+def test_looksam_with_adamw_matches_pytorch_optimizer_on_one_tensor(k, alpha):
+  """On a model of one tensor per-tensor and global norms coincide, and
+  samtx's LookSAM chained with optax.adamw (torch AdamW's defaults spelled
+  out: weight_decay=1e-2, not optax's 1e-4) is pytorch_optimizer's LookSAM
+  with torch AdamW step for step."""
+  kw = dict(lr=0.01, rho=0.1, k=k, alpha=alpha, b1=0.9, b2=0.999, eps=1e-8,
+            weight_decay=1e-2)
+  with jax.enable_x64(True):
+    problem = reference.Problem([(7,)], seed=5)
+    x = jnp.asarray(problem.x0[0])
+    loss = lambda p: jnp.sum(jnp.asarray(problem.a[0]) * p ** 4 / 4
+                             + jnp.asarray(problem.c[0]) * p ** 2 / 2
+                             + jnp.asarray(problem.d[0]) * p)
+    opt = optax.chain(
+        samtx.looksam_perturbation(kw["rho"], k=k, alpha=alpha),
+        optax.adamw(kw["lr"], b1=kw["b1"], b2=kw["b2"], eps=kw["eps"],
+                    weight_decay=kw["weight_decay"]))
+    got, _ = helpers.run(opt, loss, x, 12)
+    want = _pytorch_optimizer_looksam_adamw(problem, 12, **kw)
+    # The reuse denominators differ by their eps (1e-8 there, 1e-12 here): a
+    # relative 1e-8 / n(g_v) per reusing step.
+    for t, (g, w) in enumerate(zip(got, want)):
+      np.testing.assert_allclose(np.asarray(g), w[0], rtol=1e-6, atol=1e-9,
+                                 err_msg=f"step {t}")
+
+
+def test_looksam_on_several_tensors_is_the_papers_rule_not_per_tensor():
+  """On a model of several tensors samtx follows the paper's global rule
+  (Algorithm 1, around the same AdamW) and differs from pytorch_optimizer's
+  per-tensor one: the documented deviation, and how large it is here."""
+  kw = dict(lr=0.01, rho=0.1, k=3, alpha=0.7, b1=0.9, b2=0.999, eps=1e-8,
+            weight_decay=1e-2)
+  with jax.enable_x64(True):
+    problem, loss, params, _ = helpers.problem_and_loss(jnp.float64)
+    opt = optax.chain(
+        samtx.looksam_perturbation(kw["rho"], k=kw["k"], alpha=kw["alpha"]),
+        optax.adamw(kw["lr"], b1=kw["b1"], b2=kw["b2"], eps=kw["eps"],
+                    weight_decay=kw["weight_decay"]))
+    got, _ = helpers.run(opt, loss, params, 12)
+    paper = _pytorch_optimizer_looksam_adamw(problem, 12, per_tensor=False,
+                                             **kw)
+    per_tensor = _pytorch_optimizer_looksam_adamw(problem, 12, **kw)
+    helpers.assert_close_to_reference(got, paper, jnp.float64)
+    gap = max(np.max(np.abs(a - b)) for a, b in zip(helpers.leaves(got[-1]),
+                                                    per_tensor[-1]))
+    assert gap > 1e-3

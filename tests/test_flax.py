@@ -12,6 +12,7 @@ Pitfalls and the tests that prove them:
 
 import collections
 import functools
+import re
 import warnings
 
 import flax.linen as nn
@@ -735,3 +736,320 @@ def test_per_device_body_under_users_pmap_equals_mesh_step(multi_device):
     np.testing.assert_allclose(
         multi_device[key.replace("linen/m/ref/", "linen/pmap/run/")],
         multi_device[key], err_msg=key, **TOL)
+
+
+def compute_flax_global_gsam():
+  """GSAM with one global perturbation through the Flax steps on 8 devices
+  and on one device with the whole batch (no BatchNorm, no dropout: the two
+  must agree)."""
+  from samtx import parallel
+  mesh = jax.make_mesh((DEVICES,), ("batch",))
+  gsam = lambda axis_name: samtx.gsam(LR, rho=RHO, alpha=0.3,
+                                      axis_name=axis_name)
+  batches = [_global_data(t) for t in range(2)]
+  out = {}
+  model = LinenNet()
+  single = jax.jit(samtx_flax.make_train_step(_linen_loss))
+  state = _linen_state(model, gsam(None))
+  for batch in batches:
+    state, _ = single(state, batch)
+  out.update(_flat("linen/single", state.params))
+  on_mesh = samtx_flax.make_train_step(_linen_loss, mesh=mesh,
+                                       m_sharpness=False)
+  state = _linen_state(model, gsam("batch"))
+  for batch in batches:
+    state, _ = on_mesh(state, batch)
+  out.update(_flat("linen/mesh", state.params))
+  # the per-device body under the user's own jax.pmap
+  body = samtx_flax.make_train_step(_linen_loss, axis_name="batch",
+                                    m_sharpness=False)
+  pmapped = jax.pmap(body, axis_name="batch", out_axes=(0, None))
+  stacked = parallel.pmap_replicate(_linen_state(model, gsam("batch")))
+  for batch in batches:
+    stacked, _ = pmapped(stacked, jax.tree.map(
+        lambda a: a.reshape((DEVICES, -1) + a.shape[1:]), batch))
+  out.update(_flat("linen/pmap", parallel.unreplicate(stacked.params)))
+  for tag, axis_name, step in (
+      ("single", None, nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))),
+      ("mesh", "batch", samtx_flax.make_nnx_train_step(
+          _nnx_loss, mesh=mesh, m_sharpness=False))):
+    model = NNXNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, gsam(axis_name), wrt=nnx.Param)
+    for batch in batches:
+      step(model, optimizer, batch)
+    out.update(_flat(f"nnx/{tag}", nnx.as_pure(nnx.state(model, nnx.Param))))
+  out.update(_flat("start", nnx.as_pure(nnx.state(NNXNet(nnx.Rngs(0)),
+                                                  nnx.Param))))
+  return out
+
+
+@pytest.fixture(scope="module")
+def global_gsam():
+  return fresh_process.run("tests.test_flax", "compute_flax_global_gsam")
+
+
+@pytest.mark.parametrize("route", ["linen/mesh", "linen/pmap", "nnx/mesh"])
+def test_global_perturbation_gsam_equals_one_device_whole_batch(global_gsam,
+                                                                route):
+  """GSAM's rule is nonlinear in the perturbed gradient: with
+  m_sharpness=False it must see the global h, not each device's."""
+  out = global_gsam
+  api = route.split("/")[0]
+  keys = [k for k in out if k.startswith(f"{api}/single/")]
+  assert keys
+  for key in keys:
+    np.testing.assert_allclose(out[key.replace("/single/", "/" + route[
+        len(api) + 1:] + "/")], out[key], err_msg=key, rtol=2e-5, atol=2e-6)
+  moved = max(float(np.max(np.abs(out[f"nnx/single{k[len('start'):]}"]
+                                  - out[k])))
+              for k in out if k.startswith("start/"))
+  assert moved > 1e-2
+
+
+class FSDPNet(nnx.Module):
+  """A tanh MLP whose weights may be split over the mesh axis "batch"."""
+
+  def __init__(self, rngs, fsdp=True):
+    init = nnx.initializers.lecun_normal()
+    split = {"sharding_names": ("batch", None)} if fsdp else {}
+    self.w1 = nnx.Param(init(rngs.params(), (8, 16)), **split)
+    self.b1 = nnx.Param(jnp.zeros(16))
+    self.w2 = nnx.Param(init(rngs.params(), (16, C)), **split)
+
+  def __call__(self, x):
+    return jnp.tanh(x @ self.w1 + self.b1) @ self.w2
+
+
+def _fsdp_loss(model, batch):
+  x, y = batch
+  return jnp.mean((model(x) - y) ** 2)
+
+
+def _flax_page_blocks():
+  text = (fresh_process.ROOT / "docs" / "guides" / "flax.md").read_text()
+  section = text[text.index("### NNX with FSDP"):]
+  return re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+
+
+def compute_nnx_fsdp():
+  """The two NNX FSDP routes of docs/guides/flax.md against an unsharded
+  run; their parameter and state shardings."""
+  rng = np.random.default_rng(3)
+  batches = [(jnp.asarray(rng.normal(size=(32, 8)), jnp.float32),
+              jnp.asarray(rng.normal(size=(32, C)), jnp.float32))
+             for _ in range(3)]
+  out = {}
+  flat = lambda tag, tree: out.update(_flat(tag, tree))
+  specs = lambda tag, tree: out.update(
+      {f"{tag}/{jax.tree_util.keystr(k)}": np.asarray(str(v.sharding.spec))
+       for k, v in jax.tree_util.tree_leaves_with_path(tree)})
+  # unsharded reference: the same optimizer and steps on one device
+  model = FSDPNet(nnx.Rngs(0), fsdp=False)
+  optimizer = nnx.Optimizer(model, samtx.adasam(1e-2, rho=0.05),
+                            wrt=nnx.Param)
+  step = nnx.jit(samtx_flax.make_nnx_train_step(_fsdp_loss))
+  flat("start", nnx.as_pure(nnx.state(model, nnx.Param)))
+  for batch in batches:
+    step(model, optimizer, batch)
+  flat("reference", nnx.as_pure(nnx.state(model, nnx.Param)))
+  first, second = _flax_page_blocks()
+  page = {"Model": FSDPNet, "loss_fn": _fsdp_loss, "batches": batches}
+  exec(compile(first, "flax.md", "exec"), page)  # noqa: S102
+  flat("nnx_jit", nnx.as_pure(nnx.state(page["model"], nnx.Param)))
+  specs("nnx_jit/params", nnx.as_pure(nnx.state(page["model"], nnx.Param)))
+  specs("nnx_jit/state", nnx.as_pure(page["optimizer"].opt_state))
+  exec(compile(second, "flax.md", "exec"), page)  # noqa: S102
+  flat("jit_step", nnx.as_pure(nnx.state(page["model"], nnx.Param)))
+  specs("jit_step/params", page["params"])
+  specs("jit_step/state", page["opt_state"])
+  # The replicated mesh step refuses the sharded model.
+  with jax.set_mesh(page["mesh"]):
+    model = FSDPNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, samtx.adasam(1e-2, rho=0.05,
+                                                  axis_name="batch"),
+                              wrt=nnx.Param)
+  mesh_step = samtx_flax.make_nnx_train_step(_fsdp_loss, mesh=page["mesh"])
+  try:
+    mesh_step(model, optimizer, batches[0])
+    out["mesh_step_error"] = np.asarray("")
+  except ValueError as err:
+    out["mesh_step_error"] = np.asarray(str(err))
+  return out
+
+
+@pytest.fixture(scope="module")
+def nnx_fsdp():
+  return fresh_process.run("tests.test_flax", "compute_nnx_fsdp")
+
+
+@pytest.mark.parametrize("route", ["nnx_jit", "jit_step"])
+def test_nnx_fsdp_route_equals_unsharded_run_and_stays_sharded(nnx_fsdp,
+                                                               route):
+  """Both documented routes give the unsharded numbers; the weights and the
+  optimizer's moments stay split over the mesh, the rest replicated."""
+  out = nnx_fsdp
+  keys = [k[len("reference/"):] for k in out if k.startswith("reference/")]
+  assert keys
+  for key in keys:
+    np.testing.assert_allclose(out[f"{route}/{key}"], out[f"reference/{key}"],
+                               err_msg=key, rtol=2e-5, atol=2e-6)
+  assert max(float(np.max(np.abs(out[f"reference/{k}"] - out[f"start/{k}"])))
+             for k in keys) > 1e-3
+  for kind in ("params", "state"):
+    got = {k: str(out[k]) for k in out if k.startswith(f"{route}/{kind}/")}
+    assert got
+    for key, spec in got.items():
+      matrix = key.endswith(("w1']", "w2']"))
+      # P('batch',) and P('batch', None) are the same layout
+      assert (spec.startswith("P('batch'") if matrix else spec == "P()"), (
+          key, spec)
+    if kind == "state":  # AdaSAM: three moment buffers per weight matrix
+      assert sum(spec.startswith("P('batch'") for spec in got.values()) == 6
+
+
+def test_nnx_mesh_step_refuses_fsdp_params_and_names_the_routes(nnx_fsdp):
+  message = str(nnx_fsdp["mesh_step_error"])
+  assert "w1" in message and "nnx.jit" in message and "jit_step" in message, (
+      message)
+
+
+def test_linen_mesh_step_refuses_sharded_params():
+  """Sharded TrainState params are refused, not silently replicated (the
+  check runs before anything is compiled)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((DEVICES,), ("batch",))
+  state = _linen_state(LinenNet(), samtx.sam(LR, rho=RHO, axis_name="batch"))
+  kernel = state.params["Dense_0"]["kernel"]  # (D, 8): split the 8 columns
+  params = {**state.params, "Dense_0": {
+      **state.params["Dense_0"],
+      "kernel": jax.device_put(kernel, NamedSharding(mesh, P(None, "batch")))}}
+  step = samtx_flax.make_train_step(_linen_loss, mesh=mesh)
+  with pytest.raises(ValueError, match=r"Dense_0.*kernel.*jit_step"):
+    step(state.replace(params=params), _global_data(0))
+
+
+# ---------------------------------------- a tuple from loss_fn, has_aux off
+def test_tuple_from_loss_fn_names_has_aux_and_the_fix_works():
+  """The error names only arguments the step builders take."""
+  data = _data()
+  model = nn.Dense(C)
+  params = model.init(jax.random.key(0), data["x"])["params"]
+
+  def linen_loss(params, batch, apply):
+    loss = _ce(apply(batch["x"]), batch["y"])
+    return loss, {"half": loss / 2}
+
+  nnx_model = nnx.Linear(D, C, rngs=nnx.Rngs(0))
+
+  def nnx_loss(model, x, y):
+    loss = _ce(model(x), y)
+    return loss, {"half": loss / 2}
+
+  def linen_state():
+    return samtx_flax.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=samtx.sam(LR, RHO))
+
+  def nnx_optimizer():
+    return nnx.Optimizer(nnx_model, samtx.sam(LR, RHO), wrt=nnx.Param)
+
+  for step_of, call in [
+      (lambda **kw: samtx_flax.make_train_step(linen_loss, **kw),
+       lambda step: step(linen_state(), data)),
+      (lambda **kw: samtx_flax.make_nnx_train_step(nnx_loss, **kw),
+       lambda step: step(nnx_model, nnx_optimizer(), data["x"], data["y"])),
+  ]:
+    with pytest.raises(TypeError) as error:
+      call(step_of())
+    message = str(error.value)
+    assert "has_aux=True" in message and "has_model_state" not in message
+    out = call(step_of(has_aux=True))
+    metrics = out[1] if isinstance(out, tuple) else out
+    assert float(metrics["half"]) == pytest.approx(float(metrics["loss"]) / 2)
+
+
+# ------------------------------------------- LookSAM's loss at the perturbed point
+def _looksam_expected_losses(params, forward, k, steps):
+  """(loss, perturbed loss) per step from the core optimizer on the jnp
+  model: the loss at SAM's point on second-pass steps (t % k == 0), the
+  clean loss on reusing steps (no perturbed point is evaluated there)."""
+  tx = samtx.looksam(LR, RHO, k=k, alpha=0.3)
+  opt_state = tx.init(params)
+  out = []
+  for t in range(steps):
+    batch = _data(t)
+    loss = lambda p: _ce(forward(p, batch["x"]), batch["y"])
+    grads = jax.grad(loss)(params)
+    perturbed = loss(_add(params, _sam_direction(grads)[0]))
+    out.append((loss(params), perturbed if t % k == 0 else loss(params)))
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   grad_fn=jax.grad(loss))
+    params = optax.apply_updates(params, updates)
+  return out
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_looksam_perturbed_loss_is_finite_and_right_under_both_apis(api, k):
+  """grad_fn runs inside LookSAM's once-or-never loop; the loss it computes
+  is carried out of the loop (it used to be NaN on every step, k = 1 too)."""
+  tx = samtx.looksam(LR, RHO, k=k, alpha=0.3)
+  if api == "linen":
+    state = _linen_state(LinenNet(), tx)
+    want = _looksam_expected_losses(state.params, _pure_linen_mlp, k, 4)
+    linen_step = jax.jit(samtx_flax.make_train_step(_linen_loss))
+
+    def step(batch):
+      nonlocal state
+      state, metrics = linen_step(state, batch)
+      return metrics
+  else:
+    model = NNXNet(nnx.Rngs(0))
+    want = _looksam_expected_losses(nnx.as_pure(nnx.state(model, nnx.Param)),
+                                    _pure_mlp, k, 4)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    nnx_step = nnx.jit(samtx_flax.make_nnx_train_step(_nnx_loss))
+    step = lambda batch: nnx_step(model, optimizer, batch)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no "nested JAX transform" warning
+    for t, (loss, perturbed) in enumerate(want):
+      metrics = step(_data(t))
+      np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+      np.testing.assert_allclose(metrics["perturbed_loss"], perturbed,
+                                 rtol=1e-5, err_msg=f"step {t}")
+
+
+def compute_looksam_perturbed_loss_through_wrappers():
+  """LookSAM's perturbed_loss where samtx wraps the step's grad_fn: GPA's
+  shift around y, and the global-perturbation average on a mesh."""
+  mesh = jax.make_mesh((DEVICES,), ("batch",))
+  out = {}
+  for tag, tx, step in (
+      ("gpa", samtx.gpa(samtx.looksam(LR, RHO, k=2, alpha=0.3),
+                        train_interp=0.7, eval_interp=0.9),
+       jax.jit(samtx_flax.make_train_step(_linen_loss))),
+      ("mesh", samtx.looksam(LR, RHO, k=2, alpha=0.3, axis_name="batch"),
+       samtx_flax.make_train_step(_linen_loss, mesh=mesh, m_sharpness=False))):
+    state = _linen_state(LinenNet(), tx)
+    for t in range(3):
+      state, metrics = step(state, _global_data(t))
+      out[f"{tag}/{t}/loss"] = np.asarray(metrics["loss"])
+      out[f"{tag}/{t}/perturbed_loss"] = np.asarray(metrics["perturbed_loss"])
+  return out
+
+
+def test_looksam_perturbed_loss_survives_the_grad_fn_wrappers():
+  """The loss recorder samtx.flax attaches to grad_fn must survive GPA's
+  shifted grad_fn and the averaged grad_fn of one global perturbation:
+  finite everywhere, above the clean loss on second-pass steps (t = 0, 2),
+  equal to it on the reusing step."""
+  out = fresh_process.run("tests.test_flax",
+                          "compute_looksam_perturbed_loss_through_wrappers")
+  for tag in ("gpa", "mesh"):
+    for t in range(3):
+      loss = out[f"{tag}/{t}/loss"]
+      perturbed = out[f"{tag}/{t}/perturbed_loss"]
+      assert np.isfinite(perturbed), (tag, t)
+      if t % 2:
+        np.testing.assert_allclose(perturbed, loss, rtol=1e-6)
+      else:
+        assert perturbed > loss, (tag, t, perturbed, loss)

@@ -182,6 +182,18 @@ def test_msam_adamw_follows_the_official_recurrence(dtype):
   _assert_held_and_clean_follow(opt, loss, params, want, tol)
 
 
+def test_msam_adamw_decay_reads_the_schedule_at_the_step_count(dtype):
+  """The decoupled decay uses the same lr_t as the Adam step of that step."""
+  problem, loss, params, _ = helpers.problem_and_loss(dtype)
+  schedule = lambda t: 0.02 / (1.0 + 0.7 * t)
+  opt = samtx.msam_adamw(schedule, rho=0.1, weight_decay=3.0)
+  want = reference.msam_adamw_run(problem, 12, schedule, 0.1,
+                                  weight_decay=3.0)
+  tol = ({"rtol": 1e-9, "atol": 1e-11} if dtype == jnp.float64
+         else {"rtol": 1e-4, "atol": 2e-5})
+  _assert_held_and_clean_follow(opt, loss, params, want, tol)
+
+
 def test_msam_adamw_state_is_adam_plus_scalars():
   params = {"w": jnp.ones((30, 20)), "b": jnp.ones(20)}
   state = samtx.msam_adamw(0.1, 0.05).init(params)

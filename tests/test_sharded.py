@@ -15,6 +15,7 @@ All runs happen in one fresh process (``tests/fresh_process.py``); the
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
@@ -50,6 +51,9 @@ def optimizers(**axes):
       "lightsam_III": samtx.lightsam(0.01, RHO, variant="adam", **axes),
       # k=2: the three steps run second pass, reuse, second pass
       "looksam": samtx.looksam(LR, RHO, k=2, momentum=0.9, **axes),
+      # nonlinear in the perturbed gradient: a global perturbation must
+      # average h before the rule
+      "gsam": samtx.gsam(LR, RHO, alpha=0.3, **axes),
       # one pass: no perturbed gradient to average over a data axis
       "msam": samtx.msam(LR, RHO, momentum=0.9, **{
           k: v for k, v in axes.items() if k == "norm_axis_name"}),
@@ -387,7 +391,7 @@ def test_jit_step_keeps_param_and_state_shardings(jit_layouts, kind, layout):
       want = spec_of_shape.get(tuple(shape), P())
       assert normalized(jit_layouts[key]) == want, (key, tuple(shape))
       sharded += want != P()
-    has_param_state = name not in ("asam", "lightsam_I")
+    has_param_state = name not in ("asam", "lightsam_I", "gsam")
     assert (sharded > 0) == (layout != "replicated" and has_param_state), tag
     assert bool(jit_layouts[f"donated/{tag}"])
 
@@ -449,3 +453,49 @@ def test_tensor_parallel_with_m_sharpness_equals_jit_groups(tensor_parallel,
             for k in TP)
   assert gap > 1e-4
 
+
+
+@pytest.mark.parametrize("wrapper", ["samtx", "optax", "rapp"])
+def test_state_specs_of_lookahead_follow_the_fast_params(wrapper):
+  """Lookahead's state holds its fast optimizer's state, shaped like
+  params.fast: its parameter-shaped leaves take the fast params' specs
+  (this raised a pytree structure error)."""
+  params = optax.LookaheadParams.init_synced(
+      {"w": jnp.ones((8, 4)), "b": jnp.ones(4)})
+  fast = {"w": P("data", None), "b": P()}
+  specs = optax.LookaheadParams(fast=fast, slow=fast)
+  if wrapper == "samtx":
+    opt = samtx.lookahead(samtx.adasam(0.01, RHO), sync_period=2,
+                          slow_step_size=0.3)
+    buffers = 3  # AMSGrad's mu, nu, nu_max
+  elif wrapper == "rapp":  # the anchored Lookahead keeps the same state
+    opt = samtx.rapp(samtx.adasam(0.01, RHO), sync_period=2,
+                     slow_step_size=0.3)
+    buffers = 3
+  else:
+    opt = optax.lookahead(optax.adam(0.01), sync_period=2,
+                          slow_step_size=0.3)
+    buffers = 2  # Adam's mu, nu
+  got = par.state_specs(opt, params, specs)
+  assert jax.tree.structure(got, is_leaf=lambda x: isinstance(x, P)) == (
+      jax.tree.structure(jax.eval_shape(opt.init, params)))
+  leaves = jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, P))
+  assert sorted(map(str, leaves)).count(str(P("data", None))) == buffers
+  assert all(s in (P(), P("data", None)) for s in leaves)
+
+
+def test_rapp_state_is_initialised_sharded_like_the_fast_params():
+  """``init_sharded`` on RAPP (anchored Lookahead): the fast optimizer's
+  moments land with the fast params' sharding, scalars replicated."""
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  params = optax.LookaheadParams.init_synced(
+      {"w": jnp.ones((8, 4)), "b": jnp.ones(4)})
+  fast = {"w": P("data", None), "b": P()}
+  opt = samtx.rapp(samtx.adasam(0.01, RHO), sync_period=2, slow_step_size=0.3)
+  state = par.init_sharded(opt, params, mesh,
+                           optax.LookaheadParams(fast=fast, slow=fast))
+  shaped = [x for x in jax.tree.leaves(state) if x.shape == (8, 4)]
+  assert len(shaped) == 3
+  assert all(x.sharding.spec == P("data", None) for x in shaped)
+  assert all(x.sharding.spec == P() for x in jax.tree.leaves(state)
+             if x.ndim == 0)

@@ -16,7 +16,7 @@ from tests import reference
 from tests.test_composition import ALIASES
 from tests.test_composition import kind
 
-SYNC, SLOW_STEP, STEPS = 3, 0.5, 8
+SYNC, SLOW_STEP, STEPS = 3, 0.3, 8  # not 0.5: alpha and 1 - alpha differ
 
 
 def closed_over(opt, grad_fn):
