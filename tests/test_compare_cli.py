@@ -1,18 +1,25 @@
 """`samtx compare` as a new user meets it: one-line errors, overrides, resume."""
 
+import dataclasses
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from samtx import cli
+from samtx.compare import config
+from samtx.compare import data as data_lib
 from samtx.compare import experiment
 from samtx.compare import optimizers
 from samtx.compare import train
+from samtx.compare import tune
 
 # A tiny job: digits MLP, 2 epochs, 2 seeds x 2 noise levels (the compiled
 # programs are those of tests/test_cli.py when both run in one process).
@@ -103,12 +110,84 @@ def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
   assert message in line, line
 
 
-def test_no_tuned_values_and_no_sweep_is_a_one_line_error(tmp_path, capsys):
-  # Nothing is tuned for AdamW on the MNIST-1D MLP in the built-in table.
-  line = _error(["compare", "--model", "mlp", "--dataset", "mnist1d",
-                 "--optimizers", "adamw", "--out", str(tmp_path)], capsys)
-  assert "no tuned hyper-parameters for adamw on mnist1d-mlp" in line
-  assert "--tune" in line
+@pytest.mark.parametrize("workload", sorted(config.WORKLOADS))
+def test_every_pair_has_values_for_every_optimizer_without_a_sweep(workload):
+  # Every (model, dataset) pair the command line accepts, with every
+  # registered optimizer: tuned, borrowed or the grid's centre, never an
+  # error. What is not tuned for the pair says where it came from.
+  w = config.WORKLOADS[workload]
+  for name, spec in optimizers.SPECS.items():
+    anchors = {}
+    anchor = tune.anchor(w.model, spec.grid)
+    if anchor is not None:
+      anchors[anchor] = tune.resolve_hparams(
+          workload, w.model, 0.25, anchor, optimizers.SPECS[anchor].grid)[0]
+    lr, rho, source = tune.resolve_hparams(workload, w.model, 0.25, name,
+                                           spec.grid, None, anchors)
+    assert lr > 0 and rho >= 0
+    own = config.TUNED.get(workload, {})
+    if any(name in level for level in own.values()):
+      assert source == "tuned"
+    elif source.startswith("borrowed:"):
+      borrowed = config.BORROW[workload]
+      assert (lr, rho) == tune.tuned_hparams(borrowed, 0.25, name)
+    else:
+      assert source == "default"
+      assert (lr, rho) == tune.default_hparams(w.model, spec.grid, anchors)
+
+
+def test_the_grid_centre_is_the_documented_default():
+  lrs, rhos = config.GRIDS["mlp"]["sam"]
+  assert tune.default_hparams("mlp", "sam") == (lrs[1], rhos[1])
+  # A grid relative to SGD's learning rate centres on it.
+  assert tune.default_hparams("cnn", "msam", {"sgd": 0.3}) == (
+      0.3, config.GRIDS["cnn"]["msam"][1][0])
+
+
+TINY_WORKLOADS = {
+    "mnist1d-mlp": dict(model_options=(("hidden", (16,)),)),
+    "digits-mlp": dict(model_options=(("hidden", (16,)),)),
+    "mnist1d-cnn": dict(model_options=(("channels", (2, 4)), ("kernel", 3),
+                                       ("dropout", 0.1)),
+                        hessian_examples=32),
+    "digits-cnn": dict(model_options=(("channels", (2, 4)), ("kernel", 3),
+                                      ("dropout", 0.1)),
+                       hessian_examples=32),
+    "text-transformer": dict(model_options=(("width", 8), ("depth", 1),
+                                            ("heads", 2)),
+                             eval_examples=16, hessian_examples=4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", sorted(TINY_WORKLOADS))
+def test_every_pair_runs_without_tune(workload, tmp_path, capsys,
+                                      monkeypatch):
+  # The pair's own default optimizers, tiny sizes: it trains, and says
+  # which values were not tuned for it (digits-cnn: none are).
+  dataset, model = workload.split("-")
+  w = dataclasses.replace(config.WORKLOADS[workload], train_examples=96,
+                          **TINY_WORKLOADS[workload])
+  monkeypatch.setitem(config.WORKLOADS, workload, w)
+  names = experiment._plan(workload, experiment.CompareOptions(
+      out="")).optimizers
+  cli.main(["compare", "--model", model, "--dataset", dataset, "--seeds",
+            "1", "--epochs", "1", "--batch-size", "16", "--optimizers",
+            names[0], "--timing-steps", "2", "--timing-repeats", "1",
+            "--hessian-iters", "2", "--no-progress", "--no-plots", "--out",
+            str(tmp_path)])
+  with open(tmp_path / workload / "results.json") as f:
+    result = json.load(f)
+  source = result["hparams_source"][names[0]]
+  out = capsys.readouterr().out
+  if source == "tuned":
+    assert "hparams_note" not in result
+  else:
+    assert result["hparams_note"] in out
+    assert names[0] in result["hparams_note"]
+  if workload == "digits-cnn":
+    assert source == "borrowed:mnist1d-cnn"
+    assert "mnist1d-cnn's tuned values" in result["hparams_note"]
 
 
 def test_the_console_script_gives_one_line_errors(tmp_path):
@@ -226,3 +305,109 @@ def test_tuned_table_matches_the_committed_sweep(workload):
   for entry in raw.get("tuning", raw):
     got = config.TUNED[workload][float(entry["noise"])][entry["optimizer"]]
     assert tuple(got) == tuple(entry["best"]), entry["optimizer"]
+
+
+def test_a_corpus_other_than_the_committed_one_is_refused(tmp_path, capsys,
+                                                          monkeypatch):
+  assert data_lib.check_text_corpus() == data_lib.TEXT_SHA256
+  monkeypatch.setattr(data_lib, "TEXT_SHA256", "0" * 64)
+  with pytest.raises(data_lib.CorpusMismatch, match="--no-verify-corpus"):
+    data_lib.check_text_corpus()
+  line = _error(["compare", "--preset", "full", "--model", "transformer",
+                 "--dataset", "text", "--out", str(tmp_path)], capsys)
+  assert "the text corpus of this Python" in line
+  assert f"has SHA-256 {data_lib.text_sha256()[:12]}" in line
+  assert not (tmp_path / "text-transformer").exists()
+
+
+def test_grids_relative_to_the_base_are_tuned_after_it():
+  order = experiment._order(["sam", "msam", "looksam", "sgd"], "cnn")
+  assert order.index("sgd") < min(order.index(n) for n in ("sam", "msam"))
+  order = experiment._order(["adasam", "sam_adamw", "adamw"], "transformer")
+  assert order[0] == "adamw"
+  assert tune.grid("transformer", "adasam", anchors={"adamw": 0.01}) == [
+      (0.00333333, 0.05), (0.01, 0.05)]
+  assert tune.grid("transformer", "adamw_family", anchors={"adamw": 0.01}) == [
+      (0.01, 0.02), (0.01, 0.1)]
+
+
+# Ctrl-C during a job (issue 21, item 10): one line, exit 130, finished runs
+# kept. Each case interrupts a real `samtx compare` process at one point.
+JOB = ["compare", "--model", "mlp", "--dataset", "digits", "--optimizers",
+       "sgd,sam,msam", "--seeds", "2", "--epochs", "30", "--timing-steps",
+       "200", "--timing-repeats", "50", "--no-progress", "--no-plots"]
+
+
+def _interrupt(out, ready, timeout=300):
+  """Starts the job, sends SIGINT once ``ready(stderr so far, out)``;
+  returns (returncode, stderr)."""
+  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+  proc = subprocess.Popen([sys.executable, "-m", "samtx.cli", *JOB, "--out",
+                           str(out)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=env)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(proc.stderr),
+                            daemon=True)
+  reader.start()
+  start = time.monotonic()
+  while not ready("".join(lines), out):
+    assert proc.poll() is None, f"the job ended first: {''.join(lines)}"
+    assert time.monotonic() - start < timeout
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  proc.wait(timeout=timeout)
+  reader.join(timeout=10)
+  return proc.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["training", "between batches", "timing"])
+def test_ctrl_c_is_one_line_exit_130_and_the_job_resumes(point, tmp_path):
+  runs = tmp_path / "digits-mlp" / "runs"
+  ready = {
+      "training": lambda err, out: "eval digits-mlp sgd" in err,
+      "between batches": lambda err, out: (runs / "eval-sgd.npz").exists(),
+      "timing": lambda err, out: "time digits-mlp" in err,
+  }[point]
+  code, err = _interrupt(tmp_path, ready)
+  message = ("samtx compare: interrupted; the finished runs are kept in "
+             f"{tmp_path} (run the same command again to resume)")
+  assert code == 130, err
+  assert "Traceback" not in err
+  assert [l for l in err.splitlines() if "interrupted" in l] == [message]
+  assert err.rstrip().endswith(message)
+  kept = sorted(p.name for p in runs.glob("*.npz")) if runs.exists() else []
+  assert not list(runs.glob("*.tmp*")) if runs.exists() else True
+  if point == "timing":
+    assert kept == ["eval-msam.npz", "eval-sam.npz", "eval-sgd.npz"]
+    # Resume: the same command trains nothing again.
+    proc = subprocess.run(
+        [sys.executable, "-m", "samtx.cli", *JOB, "--timing-repeats", "3",
+         "--out", str(tmp_path)], capture_output=True, text=True,
+        timeout=600, check=False,
+        env={**os.environ,
+             "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed: 3 finished run batches reused" in proc.stdout
+  elif point == "between batches":
+    assert "eval-sgd.npz" in kept
+
+
+def test_a_swallowed_interrupt_still_stops_the_job(monkeypatch, capsys,
+                                                   tmp_path):
+  # Whatever catches the KeyboardInterrupt (a library's broad except), the
+  # job stops at its next batch of runs and the command exits 130.
+  def swallowing(*args, **kwargs):
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+    except KeyboardInterrupt:
+      pass
+    return {"curves": {}, "final": {}}
+
+  monkeypatch.setattr(train, "train_runs", swallowing)
+  with pytest.raises(SystemExit) as err:
+    cli.main(TINY + ["--optimizers", "sgd,sam", "--out", str(tmp_path)])
+  assert err.value.code == 130
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines[-1].startswith("samtx compare: interrupted;")

@@ -105,8 +105,10 @@ def cnn_step(loaded):
   key = jax.random.key(7)
   opt = samtx.sam(0.1, 0.2, momentum=0.9)
   params, stats = model.init(jax.random.key(3))
-  ours = train._optimizer_step(model, SPECS["sam"], opt, params, stats,
-                               opt.init(params), x, y, key)
+  carry, loss = train._optimizer_step(
+      model, SPECS["sam"], opt, (params, stats, opt.init(params), ()), x, y,
+      jnp.arange(32), 0, key, 0.2, 5, 100)
+  ours = (*carry[:3], loss)
 
   # The reference: samtx.flax's NNX step on the same model, with the dropout
   # key passed to both passes as an argument of the loss.

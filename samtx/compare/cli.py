@@ -4,7 +4,9 @@
 :class:`samtx.compare.experiment.CompareOptions` /
 :class:`~samtx.compare.experiment.SensitivityOptions` and hand them to the
 job; nothing here knows how training works. Every error in the user's input
-is one line on stderr (``samtx compare: error: ...``) and exit status 2.
+is one line on stderr (``samtx compare: error: ...``) and exit status 2; an
+interrupted job (Ctrl-C) is one line and exit status 130, and keeps what
+finished.
 """
 
 from __future__ import annotations
@@ -143,10 +145,15 @@ def _compare_parser(sub) -> None:
           "samtx's optimizers and optax baselines; print one table per "
           "workload and label-noise level (test accuracy or bits per "
           "character, mean ± std over seeds, step time relative to the "
-          "base optimizer, gradient evaluations per step, top Hessian "
-          "eigenvalue) and write results.json, tuning.json, PNG plots and "
-          "per-run records to --out/<dataset>-<model>/. A job killed and "
-          "restarted with the same --out resumes from the finished runs. "
+          "base optimizer with the interquartile range of its repeats - "
+          "'?' when they disagree -, gradient evaluations per step, top "
+          "Hessian eigenvalue) and write results.json, tuning.json, PNG "
+          "plots and per-run records to --out/<dataset>-<model>/. A job "
+          "interrupted (Ctrl-C: exit status 130) or killed and restarted "
+          "with the same --out resumes from the finished runs. Without "
+          "--tune, values not tuned for a pair come from the same model on "
+          "the other dataset, else the centre of the grid (a note says "
+          "which). "
           "--preset demo is the quick default (make demo); --preset full is "
           "the committed run. Optimizers: " + _optimizer_help() + "."))
   cmp.add_argument("--preset", choices=sorted(config.PRESETS), default="demo",
@@ -215,6 +222,11 @@ def _compare_parser(sub) -> None:
   cmp.add_argument("--timing-repeats", type=_positive_int, default=None,
                    help="timed round-robin repeats, the median is reported "
                         "(default: the preset's or the workload's)")
+  cmp.add_argument("--verify-corpus", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="refuse a text corpus other than the committed runs' "
+                        "(it is read from this Python's standard library; its "
+                        "SHA-256 is checked) " + preset_default)
   cmp.add_argument("--out", default="samtx-results/compare",
                    help="output folder; each workload writes to "
                         "OUT/<dataset>-<model>/")
@@ -235,7 +247,8 @@ def _compare(args) -> None:
       lr=_merge(args.lr), rho=_merge(args.rho),
       hessian_iters=args.hessian_iters, sharpness_rho=args.sharpness_rho,
       timing_steps=args.timing_steps, timing_repeats=args.timing_repeats,
-      plots=not args.no_plots, progress=not args.no_progress))
+      verify_corpus=args.verify_corpus, plots=not args.no_plots,
+      progress=not args.no_progress))
 
 
 def _sensitivity_parser(sub) -> None:
@@ -307,7 +320,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   Raises:
     SystemExit: with status 2 and a one-line message on stderr when the
       input cannot work (bad flag, unusable ``--out`` or ``--hparams``, a
-      dataset whose module is missing).
+      dataset whose module is missing); with status 130 and one line when
+      the job is interrupted (Ctrl-C): the finished runs stay on disk and
+      the same command resumes.
   """
   parser = build_parser()
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -316,8 +331,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parser.parse_args(argv)
   if args.command is None:
     parser.error("choose a command: compare or sensitivity")
+  if args.command == "compare":
+    message = "samtx compare: " + experiment.INTERRUPT_MESSAGE.format(
+        out=args.out)
+  else:  # the sensitivity grid keeps no per-run records
+    message = f"samtx {args.command}: interrupted; nothing was written"
   try:
-    args.func(args)
+    with experiment.interruptible(message):
+      args.func(args)
   except (experiment.UsageError, tune_lib.HparamsError) as err:
     sys.stderr.write(f"samtx {args.command}: error: {err}\n")
     raise SystemExit(2) from None
+  except KeyboardInterrupt:
+    sys.stderr.write(message + "\n")
+    raise SystemExit(130) from None

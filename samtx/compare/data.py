@@ -16,7 +16,9 @@ locally:
   :data:`TEXT_BLOCK` characters, dealt to train / validation / test 8:1:1,
   and each split into non-overlapping windows of ``context + 1`` bytes
   (input = the first ``context``, target = the last ``context``). The
-  corpus depends on the Python version, so results name it.
+  corpus depends on the Python version: results store its SHA-256, and
+  :func:`check_text_corpus` refuses a corpus other than the committed run's
+  (:data:`TEXT_SHA256`, CPython 3.11.7).
 
 Symmetric label noise (:func:`symmetric_label_noise`) replaces a fraction of
 the training labels by a different class drawn uniformly at random, the
@@ -26,15 +28,17 @@ setting of Foret et al. (https://arxiv.org/abs/2010.01412, Sec. 3.3).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import sysconfig
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-__all__ = ["Dataset", "DATASETS", "CLASSIFICATION", "TEXT_MODULES", "load",
-           "symmetric_label_noise", "text_corpus"]
+__all__ = ["Dataset", "DATASETS", "CLASSIFICATION", "TEXT_MODULES",
+           "TEXT_SHA256", "CorpusMismatch", "check_text_corpus", "load",
+           "symmetric_label_noise", "text_corpus", "text_sha256"]
 
 CLASSIFICATION = ("mnist1d", "digits")
 DATASETS = CLASSIFICATION + ("text",)
@@ -46,6 +50,15 @@ TEXT_MODULES = ("argparse", "textwrap", "difflib", "heapq", "fractions",
                 "statistics", "calendar", "string", "shlex")
 TEXT_BLOCK = 4096
 TEXT_VOCAB = 128  # ASCII
+# SHA-256 of text_corpus() on CPython 3.11.7, the interpreter of the committed
+# runs (351,979 characters).
+TEXT_SHA256 = (
+    "68337d882f10b5e5ce52ab9fb9c108b30f33a739b73987b68985ed88f4d19cd1")
+TEXT_PYTHON = "3.11.7"
+
+
+class CorpusMismatch(ValueError):
+  """The running interpreter's text corpus is not the committed runs' one."""
 
 
 class Dataset(NamedTuple):
@@ -143,6 +156,34 @@ def text_corpus() -> str:
   return "\n".join(parts).encode("ascii", "ignore").decode("ascii")
 
 
+def text_sha256(corpus: Optional[str] = None) -> str:
+  """SHA-256 (hex) of the text corpus (default: :func:`text_corpus`)."""
+  corpus = text_corpus() if corpus is None else corpus
+  return hashlib.sha256(corpus.encode("ascii")).hexdigest()
+
+
+def check_text_corpus(corpus: Optional[str] = None) -> str:
+  """Returns the corpus hash; raises if it is not :data:`TEXT_SHA256`.
+
+  Results on another corpus cannot be compared with the committed ones, so
+  a job that reproduces them checks first.
+
+  Raises:
+    CorpusMismatch: the running interpreter's standard library gives another
+      corpus (another CPython version); the message is one line.
+  """
+  digest = text_sha256(corpus)
+  if digest != TEXT_SHA256:
+    version = ".".join(map(str, sys.version_info[:3]))
+    raise CorpusMismatch(
+        f"the text corpus of this Python (CPython {version}, "
+        f"{sysconfig.get_paths()['stdlib']}) has SHA-256 {digest[:12]}..., "
+        f"not {TEXT_SHA256[:12]}... (CPython {TEXT_PYTHON}, the committed "
+        f"runs): its numbers would not be comparable; run under CPython "
+        f"{TEXT_PYTHON} or pass --no-verify-corpus")
+  return digest
+
+
 def _text(context: int):
   """Train / validation / test windows of the text corpus (see module doc)."""
   codes = np.frombuffer(text_corpus().encode("ascii"), np.uint8)
@@ -204,7 +245,8 @@ def load(name: str, *, val_fraction: float = 0.15,
     return Dataset(name, i32(x), i32(y), i32(x_val), i32(y_val), i32(x_test),
                    i32(y_test), TEXT_VOCAB, (context,), "language",
                    f"CPython {version} stdlib sources: "
-                   + ", ".join(m + ".py" for m in TEXT_MODULES))
+                   + ", ".join(m + ".py" for m in TEXT_MODULES)
+                   + f" (sha256 {text_sha256()})")
   if name == "mnist1d":
     (x, y), (x_test, y_test) = _mnist1d()
     shape, source = (40,), "mnist1d.data.make_dataset (offline generator)"

@@ -11,12 +11,15 @@ and the per-run records (:mod:`samtx.compare.records`) to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
+import signal
 import sys
+import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -30,7 +33,8 @@ from samtx.compare import tune as tune_lib
 from samtx.compare.optimizers import SPECS
 
 __all__ = ["UsageError", "CompareOptions", "SensitivityOptions",
-           "run_compare", "run_sensitivity", "resolve_workloads"]
+           "run_compare", "run_sensitivity", "resolve_workloads",
+           "interruptible", "INTERRUPT_MESSAGE"]
 
 DEFAULT_DATASET = {"mlp": "digits", "cnn": "digits", "transformer": "text"}
 _FALLBACK_OPTIMIZERS = {"mlp": ("sgd", "sam", "msam", "adasam"),
@@ -40,6 +44,50 @@ _FALLBACK_OPTIMIZERS = {"mlp": ("sgd", "sam", "msam", "adasam"),
 
 class UsageError(Exception):
   """The user's input cannot work; the message is one line."""
+
+
+INTERRUPT_MESSAGE = ("interrupted; the finished runs are kept in {out} (run "
+                     "the same command again to resume)")
+_INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def interruptible(message: str) -> Iterator[None]:
+  """Ctrl-C raises ``KeyboardInterrupt`` once, and cannot be lost.
+
+  The first SIGINT sets a flag and raises ``KeyboardInterrupt``; should
+  anything swallow it, the job still stops at the next batch of runs
+  (:func:`_check_interrupt`) and the command exits 130. A second SIGINT
+  prints ``message`` and ends the process at once (status 130): the job
+  writes its records atomically, so nothing is left half written. Outside
+  the main thread this does nothing.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  _INTERRUPTED.clear()
+
+  def handler(signum, frame):
+    del signum, frame
+    if _INTERRUPTED.is_set():
+      sys.stderr.write(message + "\n")
+      sys.stderr.flush()
+      os._exit(130)  # pylint: disable=protected-access
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield
+    if _INTERRUPTED.is_set():  # the KeyboardInterrupt was swallowed
+      raise KeyboardInterrupt
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _check_interrupt() -> None:
+  if _INTERRUPTED.is_set():
+    raise KeyboardInterrupt
 
 
 @dataclasses.dataclass
@@ -67,6 +115,7 @@ class CompareOptions:
   sharpness_rho: float = 0.05
   timing_steps: Optional[int] = None
   timing_repeats: Optional[int] = None
+  verify_corpus: Optional[bool] = None
   plots: bool = True
   progress: bool = True
 
@@ -84,6 +133,7 @@ class _Plan:
   tune: bool
   timing_steps: int
   timing_repeats: int
+  verify_corpus: bool = False
 
 
 def resolve_workloads(models: Optional[Sequence[str]],
@@ -147,7 +197,7 @@ def _plan(name: str, opts: CompareOptions) -> _Plan:
   tune_setup = dataclasses.replace(setup, epochs=opts.tune_epochs or epochs)
   return _Plan(
       workload, optimizers, noise,
-      seeds=list(range(opts.seeds or preset["seeds"])),
+      seeds=list(range(opts.seeds or _per_workload(preset, "seeds", name))),
       tune_seeds=[1000 + s for s in range(opts.tune_seeds or
                                           preset.get("tune_seeds", 3))],
       setup=setup, tune_setup=tune_setup,
@@ -155,7 +205,17 @@ def _plan(name: str, opts: CompareOptions) -> _Plan:
       timing_steps=opts.timing_steps or preset.get(
           "timing_steps", workload.timing_steps),
       timing_repeats=opts.timing_repeats or preset.get(
-          "timing_repeats", workload.timing_repeats))
+          "timing_repeats", workload.timing_repeats),
+      verify_corpus=(preset["verify_corpus"] if opts.verify_corpus is None
+                     else opts.verify_corpus))
+
+
+def _per_workload(preset: dict, key: str, workload: str):
+  """A preset value that may be one value or a per-workload dict."""
+  value = preset[key]
+  if isinstance(value, dict):
+    return value.get(workload, preset[f"default_{key}"])
+  return value
 
 
 def _prepare_out(path: str) -> None:
@@ -180,20 +240,12 @@ def _load(name: str) -> data_lib.Dataset:
     raise UsageError(str(err)) from None
 
 
-def _check_hparams(plan: _Plan, table, opts: CompareOptions) -> None:
-  """Fails early when an optimizer has no (lr, rho) and no sweep is run."""
-  if plan.tune:
-    return
+def _check_plan(plan: _Plan, data: data_lib.Dataset) -> None:
+  """Fails early on an optimizer that cannot train this workload."""
   for name in plan.optimizers:
-    if name in opts.lr and (name in opts.rho or
-                            config.GRIDS[plan.workload.model][
-                                SPECS[name].grid][1] == (0.0,)):
-      continue
-    for noise in plan.noise:
-      try:
-        tune_lib.tuned_hparams(plan.workload.name, noise, name, table)
-      except KeyError as err:
-        raise UsageError(err.args[0]) from None
+    if SPECS[name].trajectory == "saf" and data.task != "classify":
+      raise UsageError(f"{name} keeps a per-example logits memory: it needs "
+                       f"a classification dataset (mnist1d or digits)")
 
 
 class _Job:
@@ -204,12 +256,16 @@ class _Job:
     self.plan, self.data, self.folder = plan, data, folder
     self.progress = progress
     self.reused: List[str] = []
+    self.seconds = 0.0  # training time of every batch, reused ones included
 
   def runs(self, phase: str, name: str, setup: train.Setup, lrs, rhos,
            seeds, noises, final: bool) -> dict:
     """Trains (or reloads the record of) one batch of runs."""
+    _check_interrupt()
     path = os.path.join(self.folder, "runs", f"{phase}-{name}.npz")
-    key = {"optimizer": name, "dataset": self.data.name,
+    spec = SPECS[name]
+    key = {"optimizer": name, "settings": [list(i) for i in spec.settings],
+           "trajectory": spec.trajectory, "dataset": self.data.name,
            "source": self.data.source, "setup": dataclasses.asdict(setup),
            "lrs": list(lrs), "rhos": list(rhos), "seeds": list(seeds),
            "noise": list(noises), "final": final}
@@ -218,6 +274,7 @@ class _Job:
     result, reused = records.cached(path, key, lambda: train.train_runs(
         SPECS[name], self.data, setup, lrs, rhos, seeds, noises,
         self.progress, final=final))
+    self.seconds += float(result.get("meta", {}).get("seconds", 0.0))
     if reused:
       self.reused.append(os.path.relpath(path, self.folder))
       self.progress.note(f"resume: {path} is already "
@@ -226,11 +283,28 @@ class _Job:
     return result
 
 
-def _tune(job: _Job, name: str, opts: CompareOptions) -> list:
+def _order(names: Sequence[str], model: str) -> List[str]:
+  """``names`` with every grid's anchor before the optimizers tuned around it."""
+  ordered: List[str] = []
+  def visit(name):
+    if name in ordered:
+      return
+    anchor = tune_lib.anchor(model, SPECS[name].grid)
+    if anchor in names:
+      visit(anchor)
+    ordered.append(name)
+  for name in names:
+    visit(name)
+  return ordered
+
+
+def _tune(job: _Job, name: str, opts: CompareOptions,
+          anchors: Dict[float, Dict[str, float]]) -> list:
   plan = job.plan
-  points = tune_lib.grid(plan.workload.model, SPECS[name].grid,
-                         opts.lr.get(name), opts.rho.get(name))
-  runs = [(lr, rho, n, s) for n in plan.noise for lr, rho in points
+  points = {noise: tune_lib.grid(plan.workload.model, SPECS[name].grid,
+                                 opts.lr.get(name), opts.rho.get(name),
+                                 anchors[noise]) for noise in plan.noise}
+  runs = [(lr, rho, n, s) for n in plan.noise for lr, rho in points[n]
           for s in plan.tune_seeds]
   out = job.runs("tune", name, plan.tune_setup, [r[0] for r in runs],
                  [r[1] for r in runs], [r[3] for r in runs],
@@ -238,28 +312,75 @@ def _tune(job: _Job, name: str, opts: CompareOptions) -> list:
   language = job.data.task == "language"
   score = out["curves"]["val_loss" if language else "val_acc"][:, -1]
   finite = np.isfinite(out["curves"]["train_loss"][:, -1])
-  return tune_lib.pick(points, plan.noise, plan.tune_seeds, score, finite,
-                       higher_is_better=not language)
+  entries, offset = [], 0
+  for noise in plan.noise:
+    size = len(points[noise]) * len(plan.tune_seeds)
+    part = slice(offset, offset + size)
+    entries += tune_lib.pick(points[noise], [noise], plan.tune_seeds,
+                             score[part], finite[part],
+                             higher_is_better=not language)
+    offset += size
+  return entries
 
 
 def _hparams(job: _Job, table, opts: CompareOptions, result: dict) -> dict:
-  """(lr, rho) per (noise, optimizer): swept, looked up, then overridden."""
+  """(lr, rho) per (noise, optimizer): swept or looked up, then overridden.
+
+  Without a sweep, each value comes from ``--hparams``, the committed
+  tuned values, the same model's on the other dataset, or the grid's centre
+  (:func:`samtx.compare.tune.resolve_hparams`); ``result["hparams_source"]``
+  records which, and a one-line note names what was not tuned here.
+  """
   plan, chosen = job.plan, {}
-  for name in plan.optimizers:
+  model = plan.workload.model
+  sources: Dict[str, str] = {}
+  anchors: Dict[float, Dict[str, float]] = {n: {} for n in plan.noise}
+
+  def lookup(name, noise):
+    if name in opts.lr and (name in opts.rho or config.GRIDS[model][
+        SPECS[name].grid][1] == (0.0,)):
+      return opts.lr[name], opts.rho.get(name, 0.0), "command line"
+    anchor = tune_lib.anchor(model, SPECS[name].grid)
+    if anchor is not None and anchor not in anchors[noise]:
+      anchors[noise][anchor] = lookup(anchor, noise)[0]
+    lr, rho, source = tune_lib.resolve_hparams(
+        plan.workload.name, model, noise, name, SPECS[name].grid, table,
+        anchors[noise])
+    return opts.lr.get(name, lr), opts.rho.get(name, rho), source
+
+  for name in _order(plan.optimizers, model):
     if plan.tune:
-      for entry in _tune(job, name, opts):
+      for noise in plan.noise:
+        anchor = tune_lib.anchor(model, SPECS[name].grid)
+        if anchor is not None and anchor not in anchors[noise]:
+          anchors[noise][anchor], _, source = lookup(anchor, noise)
+          sources[f"{anchor} (centre of {name}'s grid)"] = source
+      for entry in _tune(job, name, opts, anchors):
         result["tuning"].append({"dataset": job.data.name,
-                                 "model": plan.workload.model,
-                                 "optimizer": name, **entry})
+                                 "model": model, "optimizer": name, **entry})
         chosen[entry["noise"], name] = tuple(entry["best"])
+        anchors[entry["noise"]][name] = entry["best"][0]
+      sources[name] = "tuned here"
       continue
     for noise in plan.noise:
-      try:
-        lr, rho = tune_lib.tuned_hparams(plan.workload.name, noise, name,
-                                         table)
-      except KeyError:  # both given on the command line (checked earlier)
-        lr, rho = opts.lr[name], opts.rho.get(name, 0.0)
-      chosen[noise, name] = (opts.lr.get(name, lr), opts.rho.get(name, rho))
+      lr, rho, source = lookup(name, noise)
+      chosen[noise, name] = (lr, rho)
+      anchors[noise].setdefault(name, lr)
+      sources[name] = source
+  result["hparams_source"] = sources
+  untuned: Dict[str, List[str]] = {}
+  for name, source in sources.items():
+    if source not in ("tuned", "tuned here", "command line"):
+      untuned.setdefault(source, []).append(name)
+  if untuned:
+    parts = [f"{', '.join(names)}: "
+             + (f"{source.split(':', 1)[1]}'s tuned values"
+                if source.startswith("borrowed:") else
+                "documented defaults (the centre of the grid)")
+             for source, names in untuned.items()]
+    result["hparams_note"] = (f"{plan.workload.name} has no tuned values "
+                              f"for every optimizer; used " + "; ".join(parts))
+    job.progress.note(result["hparams_note"])
   return chosen
 
 
@@ -275,8 +396,11 @@ def _run_workload(plan: _Plan, data: data_lib.Dataset, opts: CompareOptions,
   job = _Job(plan, data, folder, progress)
   result = {"workload": plan.workload.name, "task": data.task,
             "data_source": data.source, "environment": environment(),
+            "parameters": train.parameter_count(data, plan.setup),
             "settings": {"workload": dataclasses.asdict(plan.workload),
                          "epochs": plan.setup.epochs,
+                         "steps": plan.setup.epochs * (
+                             len(data.y_train) // plan.setup.batch_size),
                          "batch_size": plan.setup.batch_size,
                          "seeds": plan.seeds, "tune": plan.tune,
                          "tune_seeds": plan.tune_seeds if plan.tune else [],
@@ -284,7 +408,9 @@ def _run_workload(plan: _Plan, data: data_lib.Dataset, opts: CompareOptions,
                          "noise": plan.noise,
                          "hessian_iters": plan.setup.hessian_iters,
                          "timing_steps": plan.timing_steps,
-                         "timing_repeats": plan.timing_repeats},
+                         "timing_repeats": plan.timing_repeats,
+                         "optimizers": {n: dict(SPECS[n].settings)
+                                        for n in plan.optimizers}},
             "notes": {n: SPECS[n].note for n in plan.optimizers
                       if SPECS[n].note},
             "tuning": [], "groups": []}
@@ -297,6 +423,7 @@ def _run_workload(plan: _Plan, data: data_lib.Dataset, opts: CompareOptions,
         [chosen[n, name][1] for n, _ in runs], [s for _, s in runs],
         [n for n, _ in runs], final=True)
   progress.describe(f"time {plan.workload.name} (round-robin)")
+  timing_start = time.perf_counter()
   timing = train.step_costs(
       {name: chosen[plan.noise[0], name] for name in plan.optimizers}, SPECS,
       data, plan.setup, plan.timing_steps, plan.timing_repeats)
@@ -314,6 +441,10 @@ def _run_workload(plan: _Plan, data: data_lib.Dataset, opts: CompareOptions,
         plot(group, families, os.path.join(folder, group["plots"][kind]))
   result["resumed"] = job.reused
   result["wall_seconds"] = time.perf_counter() - start
+  # The compute of the whole protocol, resumed batches included: each run
+  # record keeps the seconds it took when it was trained.
+  result["protocol_seconds"] = job.seconds + (time.perf_counter() -
+                                              timing_start)
   if result["tuning"]:
     report.write_json({"tuning": result["tuning"]},
                       os.path.join(folder, "tuning.json"))
@@ -334,10 +465,11 @@ def _group(plan, data, trained, chosen, timing, base, noise, rows) -> dict:
     curves = {k: v[rows] for k, v in res["curves"].items()}
     curves["test_bpc"] = train.bits(curves["test_loss"])
     lr, rho = chosen[noise, name]
+    cost = train.timing_summary(timing, name, base)
     row = report.summary_row(
         final, optimizer=name, label=SPECS[name].label, lr=lr, rho=rho,
-        relative_time=(timing[name]["seconds_per_step"] /
-                       timing[base]["seconds_per_step"]),
+        relative_time=cost["ratio"], relative_time_low=cost["low"],
+        relative_time_high=cost["high"], timing_unstable=cost["unstable"],
         seconds_per_step=timing[name]["seconds_per_step"],
         grad_evals_per_step=timing[name]["grad_evals_per_step"],
         diverged=int(np.sum(~np.isfinite(final["train_loss"]))))
@@ -353,20 +485,37 @@ def _group(plan, data, trained, chosen, timing, base, noise, rows) -> dict:
   return group
 
 
-def run_compare(opts: CompareOptions) -> dict:
-  """The ``compare`` job; returns ``{workload: results}`` (also on disk)."""
-  names = resolve_workloads(opts.models, opts.datasets, opts.preset)
-  plans = [_plan(name, opts) for name in names]
-  table = tune_lib.load_hparams(opts.hparams) if opts.hparams else None
-  loaded = {}
+def _load_all(plans: List[_Plan], opts: CompareOptions) -> dict:
+  """The datasets of the plans, checked against them (one-line errors)."""
+  loaded: Dict[str, data_lib.Dataset] = {}
   for plan in plans:
-    _check_hparams(plan, table, opts)
     name = plan.workload.dataset
     loaded[name] = loaded.get(name) or _load(name)
+    if name == "text" and plan.verify_corpus:
+      try:
+        data_lib.check_text_corpus()
+      except data_lib.CorpusMismatch as err:
+        raise UsageError(str(err)) from None
+    _check_plan(plan, loaded[name])
     if plan.setup.batch_size > len(loaded[name].y_train):
       raise UsageError(
           f"--batch-size {plan.setup.batch_size} exceeds the "
           f"{len(loaded[name].y_train)} training examples of {name}")
+  return loaded
+
+
+def run_compare(opts: CompareOptions) -> dict:
+  """The ``compare`` job; returns ``{workload: results}`` (also on disk).
+
+  Raises:
+    UsageError: the input cannot work (before anything trains).
+    KeyboardInterrupt: the job was interrupted; every finished batch of
+      runs is on disk, so the same command resumes.
+  """
+  names = resolve_workloads(opts.models, opts.datasets, opts.preset)
+  plans = [_plan(name, opts) for name in names]
+  table = tune_lib.load_hparams(opts.hparams) if opts.hparams else None
+  loaded = _load_all(plans, opts)
   _prepare_out(opts.out)
   total = sum(len(p.optimizers) * (p.setup.epochs + (p.tune_setup.epochs
                                                      if p.tune else 0))
@@ -387,16 +536,27 @@ def run_compare(opts: CompareOptions) -> dict:
   for result in results.values():
     for group in result["groups"]:
       print(f"\n{group['workload']}, label noise {group['noise']:.0%}, "
-            f"{group['seeds']} seeds, {result['settings']['epochs']} epochs, "
-            f"step time relative to {group['base']}")
+            f"{group['seeds']} seeds, {result['settings']['epochs']} epochs "
+            f"({result['settings']['steps']} steps), step time relative to "
+            f"{group['base']}")
       print(group["table"])
       for name, note in result["notes"].items():
         print(f"  {SPECS[name].label}: {note}")
+      if any(row["summary"]["timing_unstable"]
+             for row in group["optimizers"].values()):
+        print(f"  ?: the repeats of this time ratio disagree (interquartile "
+              f"range wider than {train.TIMING_SPREAD_LIMIT:.0%} of the "
+              f"median): not a measurement; rerun with more "
+              f"--timing-repeats on a quieter machine")
+    if result.get("hparams_note"):
+      print(result["hparams_note"])
     if result["resumed"]:
       print(f"(resumed: {len(result['resumed'])} finished run batches "
             f"reused from {opts.out})")
-    print(f"{result['workload']}: {result['wall_seconds']:.0f} s wall-clock; "
-          f"wrote {os.path.join(opts.out, result['workload'])}")
+    print(f"{result['workload']}: {result['wall_seconds']:.0f} s wall-clock "
+          f"({result['protocol_seconds']:.0f} s for the whole protocol, "
+          f"resumed runs included); wrote "
+          f"{os.path.join(opts.out, result['workload'])}")
   return results
 
 

@@ -51,8 +51,13 @@ def save(path: str, key: dict, result: dict) -> None:
           for group, metrics in result.items()
           for metric, value in metrics.items()}
   tmp = path + ".tmp.npz"
-  np.savez(tmp, **{_KEY: np.asarray(_encode(key))}, **flat)
-  os.replace(tmp, path)
+  try:
+    np.savez(tmp, **{_KEY: np.asarray(_encode(key))}, **flat)
+    os.replace(tmp, path)
+  except BaseException:  # interrupted mid-write: leave no partial file
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def cached(path: str, key: dict, compute: Callable[[], dict]

@@ -15,8 +15,8 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 
 __all__ = ["mean_std", "summary_row", "format_table", "markdown_table",
-           "plot_curves", "plot_cost", "plot_heatmaps", "write_json",
-           "Progress"]
+           "time_cell", "curve_selection", "plot_curves", "plot_cost",
+           "plot_heatmaps", "write_json", "Progress"]
 
 SUMMARY_METRICS = ("test_acc", "val_acc", "test_loss", "val_loss",
                    "train_loss", "train_acc", "top_eig", "gap", "test_bpc")
@@ -48,6 +48,25 @@ def _pm(row, key, scale=1.0, digits=1) -> str:
           f"{scale * row[key + '_std']:.{digits}f}")
 
 
+def time_cell(row: dict) -> str:
+  """The step-time ratio: median (IQR), or its range and '?' if unstable.
+
+  Example:
+    >>> time_cell({"relative_time": 2.013, "relative_time_low": 1.98,
+    ...            "relative_time_high": 2.05, "timing_unstable": False})
+    '2.01x (1.98-2.05)'
+    >>> time_cell({"relative_time": 1.1, "relative_time_low": 0.61,
+    ...            "relative_time_high": 1.73, "timing_unstable": True})
+    '? 0.61-1.73x'
+  """
+  if "relative_time_low" not in row:  # results of samtx <= 0.2
+    return f"{row['relative_time']:.2f}x"
+  low, high = row["relative_time_low"], row["relative_time_high"]
+  if row["timing_unstable"]:
+    return f"? {low:.2f}-{high:.2f}x"
+  return f"{row['relative_time']:.2f}x ({low:.2f}-{high:.2f})"
+
+
 def _columns(task: str) -> List[Tuple[str, Callable[[dict], str]]]:
   """(header, cell) pairs of the table of a task."""
   if task == "language":
@@ -57,8 +76,8 @@ def _columns(task: str) -> List[Tuple[str, Callable[[dict], str]]]:
     first = [("test acc %", lambda r: _pm(r, "test_acc", 100)),
              ("train loss", lambda r: f"{r['train_loss_mean']:.3f}")]
   return first + [
-      ("time/step vs base", lambda r: f"{r['relative_time']:.2f}x"),
-      ("grads/step", lambda r: str(r["grad_evals_per_step"])),
+      ("time/step vs base", time_cell),
+      ("grads/step", lambda r: f"{r['grad_evals_per_step']:.3g}"),
       ("top Hessian eig", lambda r: _pm(r, "top_eig", digits=2)),
       ("lr", lambda r: f"{r['lr']:.3g}"),
       ("rho", lambda r: f"{r['rho']:.3g}")]
@@ -110,65 +129,204 @@ def _headline(task: str) -> Tuple[str, str, float]:
   return "test_acc", "test accuracy % (clean labels)", 100.0
 
 
+def _rank(group: dict) -> List[str]:
+  """Optimizer names, best mean test metric first."""
+  key, _, _ = _headline(group["task"])
+  sign = -1.0 if group["task"] == "language" else 1.0
+  def score(name):
+    value = group["optimizers"][name]["summary"][f"{key}_mean"]
+    return -sign * value if np.isfinite(value) else np.inf
+  return sorted(group["optimizers"], key=score)
+
+
+def curve_selection(group: dict, limit: int = 5) -> List[str]:
+  """The optimizers a learning-curve plot shows: those that matter.
+
+  The ``limit - 1`` best by mean test metric, plus the base optimizer (the
+  one step times are relative to) when it is not among them.
+  """
+  ranked = _rank(group)
+  base = next((n for n, r in group["optimizers"].items()
+               if r["summary"]["label"] == group["base"]), ranked[0])
+  chosen = ranked[: limit - 1]
+  if base not in chosen:
+    chosen.append(base)
+  elif len(ranked) >= limit:
+    chosen.append(ranked[limit - 1])
+  return chosen
+
+
 def plot_curves(group: dict, families: Dict[str, str], path: str) -> None:
-  """Main test metric and train loss per epoch (mean ± std over seeds)."""
+  """Test metric and train loss per epoch (mean ± std) of the best few.
+
+  Only :func:`curve_selection`'s optimizers are drawn (the table and the
+  JSON hold every one); colours follow the optimizer family.
+  """
   plt = _plt()
   key, label, scale = _headline(group["task"])
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  seen: Dict[str, int] = {}
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  shown = curve_selection(group)
+  palette = plt.get_cmap("tab10")
   finals = []
-  for name, res in group["optimizers"].items():
-    family = families[name]
-    style = _STYLES[seen.get(family, 0) % len(_STYLES)]
-    seen[family] = seen.get(family, 0) + 1
+  for i, name in enumerate(shown):
+    res = group["optimizers"][name]
     curves = res["curves"]
     epochs = np.arange(1, len(curves["train_loss_mean"]) + 1)
+    colour = palette(i)
     for ax, metric, factor in ((axes[0], key, scale),
                                (axes[1], "train_loss", 1.0)):
       mean = factor * np.asarray(curves[f"{metric}_mean"])
       std = factor * np.asarray(curves[f"{metric}_std"])
-      ax.plot(epochs, mean, style, marker="o" if len(epochs) < 3 else None,
-              color=_COLOURS[family], label=res["summary"]["label"], lw=1.4)
-      ax.fill_between(epochs, mean - std, mean + std, color=_COLOURS[family],
-                      alpha=0.08)
+      ax.plot(epochs, mean, "-" if families[name] != "sgd" else "--",
+              marker="o" if len(epochs) < 3 else None, color=colour,
+              label=res["summary"]["label"], lw=1.6)
+      ax.fill_between(epochs, mean - std, mean + std, color=colour,
+                      alpha=0.12)
     finals.append(np.asarray(curves["train_loss_mean"]))
   axes[0].set(xlabel="epoch", ylabel=label)
   axes[1].set(xlabel="epoch", ylabel="train loss (training labels)",
               yscale="log")
-  # Keep the loss axis readable when some runs diverged (their curves leave
-  # the plot; the table and JSON still report them).
+  ticker = __import__("matplotlib.ticker", fromlist=["ticker"])
+  axes[1].yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+  axes[1].yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
   typical = np.median([np.nanmin(c) for c in finals])
   kept = [c for c in finals if np.all(np.isfinite(c))
           and np.max(c[-1:]) < 100 * max(typical, 1e-6)]
   if kept:
     low = max(min(float(np.min(c)) for c in kept), 1e-6)
     axes[1].set_ylim(low / 1.5, 1.5 * max(float(np.max(c)) for c in kept))
-  axes[0].legend(fontsize=8, ncol=2)
-  fig.suptitle(f"{group['workload']}, label noise {group['noise']:.0%}, "
-               f"{group['seeds']} seeds (mean ± std)")
+  # Zoom the metric axis on the last half of training, where they differ.
+  tail = [factor_curve[len(factor_curve) // 2:] for factor_curve in
+          (scale * np.asarray(group["optimizers"][n]["curves"][f"{key}_mean"])
+           for n in shown)]
+  values = np.concatenate(tail)
+  values = values[np.isfinite(values)]
+  if values.size:
+    pad = 0.15 * (values.max() - values.min()) + 1e-9
+    axes[0].set_ylim(values.min() - pad, values.max() + pad)
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=9)
+  fig.suptitle(f"{group['workload']}, label noise {group['noise']:.0%}: the "
+               f"{len(shown)} that matter of {len(group['optimizers'])} "
+               f"(mean ± std over {group['seeds']} seeds)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
+def _place_labels(ax, points, labels, fontsize=8.5):
+  """Annotates each point with its label where it overlaps nothing.
+
+  Tries offsets around each point, nearest first, and keeps the first whose
+  text box (in display coordinates) clears every label already placed and
+  every marker; falls back to the least overlapping one, with a leader line.
+  Returns the text boxes placed (display coordinates).
+  """
+  fig = ax.figure
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  marks = [ax.transData.transform(p) for p in points]
+  placed = []
+  radii = (6, 14, 24, 36, 50)
+  angles = np.deg2rad([20, -20, 160, 200, 90, 270, 45, -45, 135, 225, 0, 180])
+  order = np.argsort([-p[1] for p in points])
+  for i in order:
+    best, best_cost = None, np.inf
+    for r in radii:
+      for a in angles:
+        dx, dy = r * np.cos(a), r * np.sin(a)
+        ha = "left" if dx > 1 else "right" if dx < -1 else "center"
+        va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
+        text = ax.annotate(labels[i], points[i], xytext=(dx, dy),
+                           textcoords="offset points", ha=ha, va=va,
+                           fontsize=fontsize)
+        box = text.get_window_extent(renderer).expanded(1.05, 1.15)
+        text.remove()
+        inside = ax.get_window_extent(renderer)
+        cost = sum(box.overlaps(b) for b in placed) * 10
+        cost += sum(box.contains(*m) for j, m in enumerate(marks)) * 5
+        cost += 0 if (inside.contains(box.x0, box.y0) and
+                      inside.contains(box.x1, box.y1)) else 3
+        cost += r / 100.0
+        if cost < best_cost:
+          best, best_cost = (dx, dy, ha, va, box), cost
+      if best_cost < 1:
+        break
+    dx, dy, ha, va, box = best
+    far = np.hypot(dx, dy) > 10
+    ax.annotate(labels[i], points[i], xytext=(dx, dy),
+                textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
+                arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5")
+                if far else None)
+    placed.append(box)
+  return placed
+
+
 def plot_cost(group: dict, families: Dict[str, str], path: str) -> None:
-  """Main test metric (mean ± std) against step time relative to the base."""
+  """The Pareto plot: test metric against cost, one point per optimizer.
+
+  Left: against the step time relative to the base optimizer (horizontal
+  bar: interquartile range of the round-robin repeats; a hollow marker: the
+  repeats disagree, see :func:`samtx.compare.train.timing_summary`); right:
+  against gradient evaluations per step. Vertical bars: ± std over seeds.
+  The frontier (no other point is both cheaper and better) is drawn.
+  """
   plt = _plt()
   key, label, scale = _headline(group["task"])
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  for name, res in group["optimizers"].items():
-    row = res["summary"]
-    y = scale * row[f"{key}_mean"]
-    ax.errorbar(row["relative_time"], y, yerr=scale * row[f"{key}_std"],
-                fmt="o", capsize=3, color=_COLOURS[families[name]])
-    ax.annotate(row["label"], (row["relative_time"], y),
-                textcoords="offset points", xytext=(5, 4), fontsize=8)
-  ax.set(xlabel=f"wall-clock per step relative to {group['base']}",
-         ylabel=f"{label} (mean ± std)",
-         title=f"{group['workload']}, label noise {group['noise']:.0%}")
-  ax.grid(alpha=0.3)
+  better = (lambda a, b: a < b) if group["task"] == "language" else (
+      lambda a, b: a > b)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+  rows = [(name, res["summary"]) for name, res in group["optimizers"].items()
+          if np.isfinite(res["summary"][f"{key}_mean"])]
+  for ax, xkey in zip(axes, ("relative_time", "grad_evals_per_step")):
+    points, labels = [], []
+    for name, row in rows:
+      x, y = float(row[xkey]), scale * row[f"{key}_mean"]
+      colour = _COLOURS[families[name]]
+      xerr = None
+      unstable = xkey == "relative_time" and row.get("timing_unstable")
+      if xkey == "relative_time" and "relative_time_low" in row:
+        xerr = [[x - row["relative_time_low"]],
+                [row["relative_time_high"] - x]]
+      ax.errorbar(x, y, yerr=scale * row[f"{key}_std"], xerr=xerr, fmt="o",
+                  ms=6, capsize=3, color=colour,
+                  mfc="white" if unstable else colour)
+      points.append((x, y))
+      labels.append(row["label"] + (" (time?)" if unstable else ""))
+    frontier = sorted(points)
+    best_y, front = None, []
+    for x, y in frontier:
+      if best_y is None or better(y, best_y):
+        front.append((x, y))
+        best_y = y
+    if len(front) > 1:
+      ax.plot(*zip(*front), "-", color="0.6", lw=1, zorder=0)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.12)
+    # Frame the means: one erratic optimizer's error bar may leave the plot
+    # rather than squash every other point together.
+    ys = np.array([p[1] for p in points])
+    stds = np.array([scale * row[f"{key}_std"] for _, row in rows])
+    reach = 3 * float(np.median(stds)) + 1e-9
+    ax.set_ylim(ys.min() - reach, ys.max() + reach)
+    _place_labels(ax, points, labels)
+  axes[0].set(xlabel=f"time per step relative to {group['base']} "
+                     f"(median, IQR)", ylabel=f"{label} (mean ± std)")
+  axes[1].set(xlabel="gradient evaluations per step (measured)")
+  names = {"sgd": "SGD-based", "adaptive": "Adam-based",
+           "lightsam": "LightSAM"}
+  shown = sorted({families[n] for n, _ in rows})
+  axes[1].legend(handles=[
+      plt.Line2D([], [], marker="o", ls="", color=_COLOURS[f],
+                 label=names[f]) for f in shown], fontsize=8,
+                 loc="lower right")
+  direction = "lower" if group["task"] == "language" else "higher"
+  fig.suptitle(f"{group['workload']}, label noise {group['noise']:.0%}, "
+               f"{group['seeds']} seeds: {direction} is better, left is "
+               f"cheaper; grey line: the frontier")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
@@ -208,6 +366,13 @@ def write_json(obj, path: str) -> None:
     json.dump(obj, f, indent=1, default=default)
 
 
+def _line(text: str) -> None:
+  # One write with its newline: print() writes the end separately, and a
+  # Ctrl-C between the two would glue the interruption message to this line.
+  sys.stderr.write(text + "\n")
+  sys.stderr.flush()
+
+
 class Progress:
   """A tqdm bar over epochs of all runs (plain messages without tqdm or off).
 
@@ -232,14 +397,14 @@ class Progress:
     if self.bar is not None:
       self.bar.set_description(text)
     else:
-      print(text, file=sys.stderr, flush=True)
+      _line(text)
 
   def note(self, text: str) -> None:
     """A message that must be seen (e.g. that runs were resumed)."""
     if self.bar is not None:
       self.bar.write(text, file=sys.stderr)
     else:
-      print(text, file=sys.stderr, flush=True)
+      _line(text)
 
   def __call__(self, n: int) -> None:
     if self.bar is not None:

@@ -26,7 +26,8 @@ import numpy as np
 
 from samtx.compare import config
 
-__all__ = ["HparamsError", "grid", "tuned_hparams", "pick", "load_hparams",
+__all__ = ["HparamsError", "grid", "anchor", "tuned_hparams",
+           "default_hparams", "resolve_hparams", "pick", "load_hparams",
            "parse_overrides"]
 
 Table = Dict[str, Dict[float, Dict[str, tuple]]]
@@ -36,8 +37,16 @@ class HparamsError(ValueError):
   """A hyper-parameter file or override is malformed (one-line message)."""
 
 
+def anchor(model: str, grid_key: str) -> Optional[str]:
+  """The optimizer whose tuned lr a grid is relative to (None: absolute)."""
+  lrs = config.GRIDS[model][grid_key][0]
+  return lrs.anchor if isinstance(lrs, config.Relative) else None
+
+
 def grid(model: str, grid_key: str, lr: Optional[float] = None,
-         rho: Optional[float] = None) -> List[Tuple[float, float]]:
+         rho: Optional[float] = None,
+         anchors: Optional[Dict[str, float]] = None
+         ) -> List[Tuple[float, float]]:
   """The (lr, rho) points of a sweep; an override pins its axis.
 
   Args:
@@ -45,6 +54,9 @@ def grid(model: str, grid_key: str, lr: Optional[float] = None,
     grid_key: the optimizer's grid (:attr:`Spec.grid`).
     lr: if given, the only learning rate.
     rho: if given, the only rho.
+    anchors: optimizer -> tuned learning rate, for grids whose learning
+      rates are :class:`~samtx.compare.config.Relative` to another
+      optimizer's.
 
   Returns:
     A list of ``(lr, rho)``, learning rate major.
@@ -52,11 +64,45 @@ def grid(model: str, grid_key: str, lr: Optional[float] = None,
   Example:
     >>> grid("mlp", "sam", lr=0.1)
     [(0.1, 0.02), (0.1, 0.05), (0.1, 0.15)]
+    >>> grid("cnn", "sam", anchors={"sgd": 0.3})
+    [(0.1, 0.05), (0.1, 0.15), (0.3, 0.05), (0.3, 0.15)]
   """
   lrs, rhos = config.GRIDS[model][grid_key]
+  if isinstance(lrs, config.Relative):
+    centre = (anchors or {}).get(lrs.anchor)
+    if centre is None:
+      raise KeyError(f"the {grid_key} grid of the {model} is relative to "
+                     f"{lrs.anchor}'s learning rate, which is not known")
+    lrs = tuple(float(f"{centre * f:.6g}") for f in lrs.factors)
   lrs = (lr,) if lr is not None else lrs
   rhos = (rho,) if rho is not None and rhos != (0.0,) else rhos
   return [(float(a), float(b)) for a in lrs for b in rhos]
+
+
+def default_hparams(model: str, grid_key: str,
+                    anchors: Optional[Dict[str, float]] = None
+                    ) -> Tuple[float, float]:
+  """The documented default of an untuned optimizer: its grid's centre.
+
+  The middle learning rate and the middle rho of the model's grid (the
+  lower middle of an even count); a grid relative to another optimizer
+  takes that optimizer's learning rate (the factor nearest 1).
+
+  Example:
+    >>> default_hparams("cnn", "sgd")
+    (0.1, 0.0)
+    >>> default_hparams("cnn", "msam", anchors={"sgd": 0.1})
+    (0.1, 0.3)
+  """
+  points = grid(model, grid_key, anchors=anchors)
+  lrs = sorted({p[0] for p in points})
+  rhos = sorted({p[1] for p in points})
+  lr = lrs[(len(lrs) - 1) // 2]
+  relative = config.GRIDS[model][grid_key][0]
+  if isinstance(relative, config.Relative):
+    factor = min(relative.factors, key=lambda f: abs(math.log(f)))
+    lr = float(f"{anchors[relative.anchor] * factor:.6g}")
+  return lr, rhos[(len(rhos) - 1) // 2]
 
 
 def tuned_hparams(workload: str, noise: float, name: str,
@@ -93,6 +139,38 @@ def tuned_hparams(workload: str, noise: float, name: str,
                    f"run with --tune or pass --lr/--rho")
   lr, rho = levels[nearest][name]
   return float(lr), float(rho)
+
+
+def resolve_hparams(workload: str, model: str, noise: float, name: str,
+                    grid_key: str, table: Optional[Table] = None,
+                    anchors: Optional[Dict[str, float]] = None
+                    ) -> Tuple[float, float, str]:
+  """``(lr, rho, source)`` of an optimizer when no sweep is run.
+
+  In order: ``table`` (an ``--hparams`` file) if given, the committed
+  tuned values (``config.TUNED``) of this workload, those of the same model
+  on the other dataset (``config.BORROW``), and last the grid's centre
+  (:func:`default_hparams`). ``source`` says which: ``"tuned"``,
+  ``"borrowed:<workload>"`` or ``"default"``.
+
+  Example:
+    >>> resolve_hparams("digits-cnn", "cnn", 0.0, "sgd", "sgd")[2]
+    'borrowed:mnist1d-cnn'
+  """
+  candidates = [("tuned", workload, config.TUNED)]
+  if table is not None:
+    candidates.insert(0, ("tuned", workload, table))
+  if workload in config.BORROW:
+    borrowed = config.BORROW[workload]
+    candidates.append((f"borrowed:{borrowed}", borrowed, config.TUNED))
+  for source, key, lookup in candidates:
+    try:
+      lr, rho = tuned_hparams(key, noise, name, lookup)
+    except KeyError:
+      continue
+    return lr, rho, source
+  lr, rho = default_hparams(model, grid_key, anchors)
+  return lr, rho, "default"
 
 
 def pick(points: Sequence[Tuple[float, float]], noises: Sequence[float],
