@@ -301,6 +301,13 @@ def test_tuned_table_matches_the_committed_sweep(workload):
   from samtx.compare import config
   path = (pathlib.Path(__file__).parents[1] / "benchmarks" / "results"
           / "compare" / workload / "tuning.json")
+  if not path.exists():
+    # No sweep under the current protocol yet: the values must say where
+    # they come from (an earlier protocol's committed sweep).
+    assert workload in config.EARLIER_SWEEPS and workload in config.TUNED
+    return
+  assert workload not in config.EARLIER_SWEEPS, (
+      f"{workload} has its own sweep now: drop it from EARLIER_SWEEPS")
   raw = json.loads(path.read_text())
   for entry in raw.get("tuning", raw):
     got = config.TUNED[workload][float(entry["noise"])][entry["optimizer"]]
