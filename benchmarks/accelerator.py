@@ -825,7 +825,8 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   sizes = parser.add_mutually_exclusive_group()
   sizes.add_argument("--quick", action="store_true",
-                     help="tiny widths (CPU, about a minute)")
+                     help="tiny widths (CPU; compile-bound: every optimizer"
+                     " takes tens of minutes, --only a few about a minute)")
   sizes.add_argument("--smoke", action="store_true",
                      help="the smallest sizes, one repeat (tests)")
   sizes.add_argument("--full", action="store_true",
