@@ -1,6 +1,7 @@
 """`samtx compare` as a new user meets it: one-line errors, overrides, resume."""
 
 import dataclasses
+import gc
 import json
 import os
 import pathlib
@@ -418,3 +419,35 @@ def test_a_swallowed_interrupt_still_stops_the_job(monkeypatch, capsys,
   assert err.value.code == 130
   lines = capsys.readouterr().err.strip().splitlines()
   assert lines[-1].startswith("samtx compare: interrupted;")
+
+
+def test_ctrl_c_inside_a_gc_callback_is_sent_again_outside_it(monkeypatch):
+  # jax runs Python in a garbage-collector callback; a KeyboardInterrupt
+  # raised there is printed as "Exception ignored ... Traceback" and
+  # dropped. The handler sends the signal again, so it lands after the
+  # callback, in the job's own code.
+  from samtx.compare import experiment
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  sent = []
+
+  def callback(phase, info):
+    del info
+    if phase == "start" and not sent:
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGINT)
+      sum(range(1000))  # the handler runs here, inside the callback
+
+  reached_the_end = False
+  gc.callbacks.append(callback)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with experiment.interruptible("interrupted"):
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+          time.sleep(0.01)
+        reached_the_end = True
+  finally:
+    gc.callbacks.remove(callback)
+  assert sent and unraisable == [] and not reached_the_end

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import platform
 import signal
@@ -68,11 +69,16 @@ def interruptible(message: str) -> Iterator[None]:
   _INTERRUPTED.clear()
 
   def handler(signum, frame):
-    del signum, frame
     if _INTERRUPTED.is_set():
       sys.stderr.write(message + "\n")
       sys.stderr.flush()
       os._exit(130)  # pylint: disable=protected-access
+    if _inside_gc_callback(frame):
+      # An exception raised in a garbage-collector callback (jax registers
+      # one) is printed as "Exception ignored ... Traceback" and dropped:
+      # the signal is sent again a moment later, outside the callback.
+      threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+      return
     _INTERRUPTED.set()
     raise KeyboardInterrupt
 
@@ -83,6 +89,17 @@ def interruptible(message: str) -> Iterator[None]:
       raise KeyboardInterrupt
   finally:
     signal.signal(signal.SIGINT, previous)
+
+
+def _inside_gc_callback(frame) -> bool:
+  """True when ``frame`` runs inside one of ``gc.callbacks``."""
+  codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+  codes.discard(None)
+  while frame is not None:
+    if frame.f_code in codes:
+      return True
+    frame = frame.f_back
+  return False
 
 
 def _check_interrupt() -> None:
