@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# --dist loadfile: a test file's tests share one worker, so a module-scoped
+# fixture (many compute their references in one fresh process) runs once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q
 
 demo: $(STAMP)
 	$(BIN)/python -m samtx.cli compare

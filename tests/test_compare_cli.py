@@ -346,11 +346,17 @@ JOB = ["compare", "--model", "mlp", "--dataset", "digits", "--optimizers",
        "200", "--timing-repeats", "50", "--no-progress", "--no-plots"]
 
 
-def _interrupt(out, ready, timeout=300):
-  """Starts the job, sends SIGINT once ``ready(stderr so far, out)``;
+def _job(point):
+  """The job each case interrupts: the timing case trains 2 epochs only
+  (its interrupt lands in the 50 timing repeats that follow)."""
+  return JOB + ["--epochs", "2"] if point == "timing" else JOB
+
+
+def _interrupt(out, ready, job=JOB, timeout=300):
+  """Starts ``job``, sends SIGINT once ``ready(stderr so far, out)``;
   returns (returncode, stderr)."""
   env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
-  proc = subprocess.Popen([sys.executable, "-m", "samtx.cli", *JOB, "--out",
+  proc = subprocess.Popen([sys.executable, "-m", "samtx.cli", *job, "--out",
                            str(out)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, env=env)
   lines = []
@@ -377,7 +383,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_job_resumes(point, tmp_path):
       "between batches": lambda err, out: (runs / "eval-sgd.npz").exists(),
       "timing": lambda err, out: "time digits-mlp" in err,
   }[point]
-  code, err = _interrupt(tmp_path, ready)
+  code, err = _interrupt(tmp_path, ready, _job(point))
   message = ("samtx compare: interrupted; the finished runs are kept in "
              f"{tmp_path} (run the same command again to resume)")
   assert code == 130, err
@@ -390,7 +396,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_job_resumes(point, tmp_path):
     assert kept == ["eval-msam.npz", "eval-sam.npz", "eval-sgd.npz"]
     # Resume: the same command trains nothing again.
     proc = subprocess.run(
-        [sys.executable, "-m", "samtx.cli", *JOB, "--timing-repeats", "3",
+        [sys.executable, "-m", "samtx.cli", *_job(point), "--timing-repeats", "3",
          "--out", str(tmp_path)], capture_output=True, text=True,
         timeout=600, check=False,
         env={**os.environ,

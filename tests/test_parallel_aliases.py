@@ -16,7 +16,7 @@ batch of 32 whose 8 shards differ strongly:
   the axis), the perturbation state's float leaves averaged after each step
   as documented.
 
-The aliases run three to a fresh process (``tests/fresh_process.py``):
+The aliases run five to a fresh process (``tests/fresh_process.py``):
 every path is one compiled step called ``STEPS`` times. The list is read
 from ``CASES``, so an alias added there is covered here without an edit (a
 two-pass alias must take ``axis_name``). With one global perturbation a step
@@ -233,7 +233,7 @@ def _failures(out, name):
 # (test below).
 NEEDS_A_SECOND_LOSS = ("fgsam_plus",)
 NAMES = sorted(name for name in CASES if name not in NEEDS_A_SECOND_LOSS)
-GROUPS = [NAMES[i:i + 3] for i in range(0, len(NAMES), 3)]
+GROUPS = [NAMES[i:i + 5] for i in range(0, len(NAMES), 5)]
 
 
 @pytest.mark.slow
