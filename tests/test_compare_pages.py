@@ -96,3 +96,21 @@ def test_pareto_labels_do_not_overlap():
   for a, b in itertools.combinations(boxes, 2):
     assert not a.overlaps(b)
   assert np.isfinite([b.x0 for b in boxes]).all()
+
+
+def test_a_claim_to_match_holds_when_tied_and_one_to_beat_does_not():
+  group = _group("classify", {
+      "sgd": (0.900, 0.010, 1, 1.0), "sam": (0.930, 0.010, 2, 2.0),
+      "saf": (0.925, 0.010, 1, 1.0), "friendly_sam": (0.935, 0.010, 2, 2.1),
+      "mesa": (0.880, 0.010, 1, 1.1)})
+  assert pages._claim_cell(group, ("saf",), ("sam",), "matches").startswith(
+      "**Yes** (tied)")
+  assert pages._claim_cell(group, ("mesa",), ("sam",), "matches").startswith(
+      "**No** (worse)")
+  assert pages._claim_cell(group, ("friendly_sam",), ("sam",),
+                           "metric").startswith("**No** (tied)")
+  assert pages._claim_cell(group, ("sam",), ("sgd",), "metric").startswith(
+      "**Yes**:")
+  kinds = {claim.split(" (")[0]: what for claim, _, _, what in pages._CLAIMS}
+  assert all(what == "matches" for claim, what in kinds.items()
+             if " matches " in claim)

@@ -261,6 +261,10 @@ TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
         0.0: {"sgd": (0.1, 0.0), "adamw": (0.01, 0.0), "sam": (0.1, 0.15),
               "msam": (0.1, 0.3), "adasam": (0.003, 0.02),
               "msam_adamw": (0.01, 0.3)},
+        0.25: {"sgd": (0.03, 0.0), "sam": (0.03, 0.15), "saf": (0.03, 0.8),
+               "mesa": (0.03, 0.8)},
+        0.5: {"sgd": (0.3, 0.0), "sam": (0.1, 0.15), "saf": (0.3, 0.8),
+              "mesa": (0.3, 0.8)},
     },
     "text-transformer": {
         0.0: {"adam": (0.003, 0.0), "adamw": (0.003, 0.0),
@@ -270,12 +274,13 @@ TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
     },
 }
 
-# Workloads whose TUNED values come from an earlier protocol's sweep (its
-# tuning.json is in the git history at the named commit's parent), until the
-# current protocol's full run commits its own: what `make demo` and runs
-# without --tune use meanwhile.
+# Workloads whose TUNED values (or those of the noise levels named) come
+# from an earlier protocol's sweep (its tuning.json is in the git history at
+# the named commit's parent), until the current protocol's full run commits
+# its own: what `make demo` and runs without --tune use meanwhile.
 EARLIER_SWEEPS: Dict[str, str] = {
-    "mnist1d-cnn": "the 10-epoch clean-label sweep (removed in 725c618)",
+    "mnist1d-cnn": "clean labels (noise 0): the 10-epoch clean-label sweep"
+                   " (removed in 725c618)",
     "text-transformer": "the 140-step sweep (removed in 6304511)",
 }
 
