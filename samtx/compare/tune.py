@@ -111,7 +111,8 @@ def tuned_hparams(workload: str, noise: float, name: str,
 
   Args:
     workload: ``"<dataset>-<model>"``.
-    noise: label-noise rate; the nearest tuned level is used.
+    noise: label-noise rate; the nearest level at which ``name`` is tuned
+      is used.
     name: optimizer key of :data:`samtx.compare.optimizers.SPECS`.
     table: ``workload -> noise -> name -> (lr, rho)``.
 
@@ -126,17 +127,20 @@ def tuned_hparams(workload: str, noise: float, name: str,
     ...                         0.25: {"sam": (0.3, 0.1)}}}
     >>> tuned_hparams("digits-mlp", 0.3, "sam", table)
     (0.3, 0.1)
+    >>> table["digits-mlp"][0.0]["msam"] = (0.1, 0.3)  # tuned at 0 only
+    >>> tuned_hparams("digits-mlp", 0.3, "msam", table)
+    (0.1, 0.3)
   """
   table = config.TUNED if table is None else table
   by_noise = table.get(workload)
   if not by_noise:
     raise KeyError(f"no tuned hyper-parameters for {workload}; run with "
                    f"--tune or pass --lr/--rho")
-  levels = {float(k): v for k, v in by_noise.items()}
-  nearest = min(levels, key=lambda level: abs(level - noise))
-  if name not in levels[nearest]:
+  levels = {float(k): v for k, v in by_noise.items() if name in v}
+  if not levels:
     raise KeyError(f"no tuned hyper-parameters for {name} on {workload}; "
                    f"run with --tune or pass --lr/--rho")
+  nearest = min(levels, key=lambda level: abs(level - noise))
   lr, rho = levels[nearest][name]
   return float(lr), float(rho)
 
