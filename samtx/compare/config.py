@@ -220,8 +220,8 @@ PRESETS: Dict[str, dict] = {
 
 # (lr, rho) chosen by the committed sweeps (benchmarks/results/compare/
 # <workload>/tuning.json): workload -> noise -> optimizer -> (lr, rho). A
-# noise level not listed uses the nearest one at which the optimizer is tuned. The mnist1d-mlp values are
-# those of the earlier MLP-only sweep (1 seed per grid point,
+# noise level not listed uses the nearest one at which the optimizer is
+# tuned. The mnist1d-mlp values are those of the earlier MLP-only sweep (1 seed per grid point,
 # benchmarks/results/compare/mnist1d/tuning.json). Workloads whose sweep
 # under the current protocol is not committed yet keep an earlier sweep's
 # winners, named in EARLIER_SWEEPS.
