@@ -1015,34 +1015,52 @@ def looksam_perturbation(
   ascent = _sam_ascent(adaptive=False, eta=0.0, eps=eps,
                        norm_axis_name=norm_axis_name)
 
-  def init_inner(params):
-    return LookSAMState(
-        g_v=_common.full_like_stat(params, 0.0),
-        g_v_norm=jnp.zeros([], _common.tree_stat_dtype(params)))
-
   def combine(grads, perturbed, inner, rho_t):
     del inner, rho_t
     g, h = _common.to_stat(grads), _common.to_stat(perturbed)
-    g_norm, h_norm, cos = _norms_and_cosine(g, h, eps, norm_axis_name)
-    along_g = h_norm * cos / (g_norm + eps)
-    g_v = jax.tree.map(lambda gx, hx: hx - along_g * gx, g, h)
-    if axis_name is not None:
-      # One direction for all devices, and the norm of that direction: the
-      # reuse rule assumes n(g_v) is the length of the g_v it adds.
-      g_v = _common.pmean_varying(g_v, axis_name)
-    return perturbed, LookSAMState(
-        g_v=g_v, g_v_norm=_common.global_norm(g_v, g_norm.dtype,
-                                              norm_axis_name))
+    return perturbed, _orthogonal_part(h, g, eps, axis_name, norm_axis_name)
 
+  return _two_pass(who, rho, axis_name, _no_direction_yet, ascent,
+                   norm_axis_name, combine=combine,
+                   reuse=_reuse_stored(alpha, eps, norm_axis_name), every=k,
+                   at_rho_zero=_no_stored_direction)
+
+
+def _no_direction_yet(params) -> LookSAMState:
+  """LookSAM's (and FGSAM+'s) initial state: no stored direction."""
+  return LookSAMState(
+      g_v=_common.full_like_stat(params, 0.0),
+      g_v_norm=jnp.zeros([], _common.tree_stat_dtype(params)))
+
+
+def _orthogonal_part(full, base, eps, axis_name, norm_axis_name
+                     ) -> LookSAMState:
+  """The stored direction ``g_v = full - (n(full) cos / n(base)) base``.
+
+  The part of ``full`` orthogonal to ``base`` (LookSAM: ``h`` against ``g``;
+  FGSAM+: FGSAM's gradient against the peer's), with its norm. With
+  ``axis_name`` it is averaged first: one direction for all devices, and
+  the norm of that direction, since the reuse rule assumes ``n(g_v)`` is the
+  length of the ``g_v`` it adds.
+  """
+  base_norm, full_norm, cos = _norms_and_cosine(base, full, eps,
+                                                norm_axis_name)
+  along_g = full_norm * cos / (base_norm + eps)
+  g_v = jax.tree.map(lambda gx, hx: hx - along_g * gx, base, full)
+  if axis_name is not None:
+    g_v = _common.pmean_varying(g_v, axis_name)
+  return LookSAMState(g_v=g_v, g_v_norm=_common.global_norm(
+      g_v, base_norm.dtype, norm_axis_name))
+
+
+def _reuse_stored(alpha, eps, norm_axis_name) -> ReuseRule:
+  """The reusing steps' ``(alpha n(g) / n(g_v), g_v)``: ``g + that g_v``."""
   def reuse(grads, inner, rho_t):
     del rho_t
     g = _common.to_stat(grads)
     g_norm = _common.global_norm(g, inner.g_v_norm.dtype, norm_axis_name)
     return alpha * g_norm / (inner.g_v_norm + eps), inner.g_v
-
-  return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
-                   combine=combine, reuse=reuse, every=k,
-                   at_rho_zero=_no_stored_direction)
+  return reuse
 
 
 def _no_stored_direction(inner: LookSAMState) -> LookSAMState:
@@ -1290,16 +1308,7 @@ def fgsam_plus_perturbation(
   sam_ascent = _sam_ascent(adaptive=False, eta=0.0, eps=eps,
                            norm_axis_name=norm_axis_name)
 
-  def init_inner(params):
-    return LookSAMState(
-        g_v=_common.full_like_stat(params, 0.0),
-        g_v_norm=jnp.zeros([], _common.tree_stat_dtype(params)))
-
-  def reuse(grads, inner, rho_t):
-    del rho_t
-    m = _common.to_stat(grads)
-    m_norm = _common.global_norm(m, inner.g_v_norm.dtype, norm_axis_name)
-    return alpha * m_norm / (inner.g_v_norm + eps), inner.g_v
+  reuse = _reuse_stored(alpha, eps, norm_axis_name)  # m plays g's part
 
   def transform(graph_grad_fn):
     """The rule with this step's ``graph_grad_fn`` (an extra argument, so
@@ -1318,16 +1327,10 @@ def fgsam_plus_perturbation(
       m, g_graph = _common.to_stat(grads), inner.g_v
       h = _common.to_stat(perturbed)
       g_s = jax.tree.map(lambda gx, hx: lam * hx + (1 - lam) * gx, g_graph, h)
-      m_norm, s_norm, cos = _norms_and_cosine(m, g_s, eps, norm_axis_name)
-      along_m = s_norm * cos / (m_norm + eps)
-      g_v = jax.tree.map(lambda sx, mx: sx - along_m * mx, g_s, m)
-      if axis_name is not None:
-        g_v = _common.pmean_varying(g_v, axis_name)
-      return g_s, LookSAMState(
-          g_v=g_v, g_v_norm=_common.global_norm(g_v, m_norm.dtype,
-                                                norm_axis_name))
+      return g_s, _orthogonal_part(g_s, m, eps, axis_name, norm_axis_name)
 
-    return _two_pass(who, rho, axis_name, init_inner, ascent, norm_axis_name,
+    return _two_pass(who, rho, axis_name, _no_direction_yet, ascent,
+                     norm_axis_name,
                      combine=combine, reuse=reuse, every=k,
                      at_rho_zero=_no_stored_direction)
 
