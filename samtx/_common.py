@@ -457,6 +457,25 @@ def check_grad_fn(grad_fn, who: str) -> Callable[[Any], Any]:
   return grad_fn
 
 
+def gradient_like(out, grads, who: str, name: str = "grad_fn"):
+  """``out`` (what gradient function ``name`` returned), checked to have
+  the tree structure and leaf shapes of ``grads``, cast to their dtypes."""
+  expected = jax.tree.structure(grads)
+  got = jax.tree.structure(out)
+  if got != expected:
+    raise TypeError(
+        f"{who}: {name} must return a tree with the structure of params;"
+        f" expected {expected}, got {got}.")
+  for path, o, g in zip(
+      (p for p, _ in jax.tree_util.tree_leaves_with_path(grads)),
+      jax.tree.leaves(out), jax.tree.leaves(grads)):
+    if jnp.shape(o) != jnp.shape(g):
+      raise ValueError(
+          f"{who}: {name} returned shape {jnp.shape(o)} for leaf"
+          f" {jax.tree_util.keystr(path)}, expected {jnp.shape(g)}.")
+  return cast_like(out, grads)
+
+
 def perturbed_gradient(
     grad_fn: Optional[Callable[[Any], Any]],
     params,
@@ -477,21 +496,7 @@ def perturbed_gradient(
         f"{who}.update needs params: the perturbation is applied to them.")
   perturbed_params = jax.tree.map(
       lambda p, e: p + e.astype(p.dtype), params, perturbation)
-  out = grad_fn(perturbed_params)
-  expected = jax.tree.structure(grads)
-  got = jax.tree.structure(out)
-  if got != expected:
-    raise TypeError(
-        f"{who}: grad_fn must return a tree with the structure of params;"
-        f" expected {expected}, got {got}.")
-  for path, o, g in zip(
-      (p for p, _ in jax.tree_util.tree_leaves_with_path(grads)),
-      jax.tree.leaves(out), jax.tree.leaves(grads)):
-    if jnp.shape(o) != jnp.shape(g):
-      raise ValueError(
-          f"{who}: grad_fn returned shape {jnp.shape(o)} for leaf"
-          f" {jax.tree_util.keystr(path)}, expected {jnp.shape(g)}.")
-  out = cast_like(out, grads)
+  out = gradient_like(grad_fn(perturbed_params), grads, who)
   if axis_name is not None:
     out = pmean_varying(out, axis_name)
   return out

@@ -1196,18 +1196,6 @@ def _check_gradient_fn(fn, who: str, name: str) -> None:
     raise TypeError(f"{who}: {name} must be callable, got {fn!r}.")
 
 
-def _gradient_of(fn, params, like, who: str, name: str):
-  """``fn(params)``, checked to be a gradient tree like ``like``, cast to it."""
-  out = fn(params)
-  expected: Any = jax.tree.structure(like)
-  got = jax.tree.structure(out)
-  if got != expected:
-    raise TypeError(
-        f"{who}: {name} must return a tree with the structure of params;"
-        f" expected {expected}, got {got}.")
-  return _common.cast_like(out, like)
-
-
 def fgsam_plus_perturbation(
     rho,
     *,
@@ -1315,8 +1303,8 @@ def fgsam_plus_perturbation(
     the rules are built per call, as optax.inject_hyperparams builds its
     inner transform)."""
     def ascent(grads, inner, params, rho_t, count):
-      g_graph = _common.to_stat(_gradient_of(graph_grad_fn, params, grads,
-                                             who, "graph_grad_fn"))
+      g_graph = _common.to_stat(_common.gradient_like(
+          graph_grad_fn(params), grads, who, "graph_grad_fn"))
       perturbation, norm, _ = sam_ascent(g_graph, inner, params, rho_t, count)
       # combine() needs g_G too: it rides in the g_v slot, which combine
       # overwrites with the real g_v.
