@@ -42,12 +42,6 @@ class GPAState(NamedTuple):
   base_state: Any
 
 
-def _apply(z, updates):
-  """``z + u`` computed as ``optax.apply_updates`` computes ``y + u``."""
-  return jax.tree.map(lambda a, u: jnp.asarray(a + u).astype(a.dtype), z,
-                      updates)
-
-
 def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
@@ -194,7 +188,7 @@ def gpa(
       base_updates, base_state = base.update(updates, state.base_state,
                                              params, **extra_args)
       return base_updates, GPAState(
-          z=_apply(state.z, base_updates),
+          z=optax.apply_updates(state.z, base_updates),
           train_interp=jnp.asarray(train_interp, state.train_interp.dtype),
           base_state=base_state)
     # y - z in statistics precision (float32 for bfloat16 weights).
@@ -221,7 +215,7 @@ def gpa(
                       - offset_coefficient * d).astype(u.dtype),
         base_updates, offset)
     return new_updates, GPAState(
-        z=_apply(state.z, base_updates),
+        z=optax.apply_updates(state.z, base_updates),
         train_interp=jnp.asarray(mu_y, state.train_interp.dtype),
         base_state=base_state)
 
