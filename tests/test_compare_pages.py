@@ -72,6 +72,24 @@ def test_an_unstable_time_is_not_used_to_break_a_tie():
   assert pages.recommend(group)[0] == "b"
 
 
+def test_a_time_difference_within_the_timing_spread_does_not_decide():
+  # Both one gradient, tied on the metric; "b" is 0.01x faster by the
+  # median but the interquartile ranges overlap: the better mean ("a")
+  # is the pick. Once the ranges separate, the faster one is.
+  group = _group("language", {"a": (2.173, 0.012, 1, 1.03),
+                              "b": (2.183, 0.021, 1, 1.02)}, base="Adam")
+  rows = group["optimizers"]
+  rows["a"]["summary"].update(relative_time_low=1.01, relative_time_high=1.05)
+  rows["b"]["summary"].update(relative_time_low=0.98, relative_time_high=1.03)
+  assert pages.recommend(group) == ("a", ["a", "b"], "a")
+  rows["b"]["summary"].update(relative_time_low=0.95, relative_time_high=1.0)
+  assert pages.recommend(group)[0] == "b"
+  # Fewer gradients still come first, whatever the times.
+  rows["a"]["summary"].update(grad_evals_per_step=2)
+  rows["b"]["summary"].update(relative_time_low=0.98, relative_time_high=1.03)
+  assert pages.recommend(group)[0] == "b"
+
+
 def test_render_replaces_only_the_block_bodies():
   text = ("intro 1.0\n<!-- BEGIN GENERATED t (python -m samtx.compare.pages)"
           " -->\nold 9.9\n<!-- END GENERATED t -->\noutro\n")

@@ -222,9 +222,9 @@ PRESETS: Dict[str, dict] = {
 # <workload>/tuning.json): workload -> noise -> optimizer -> (lr, rho). A
 # noise level not listed uses the nearest one at which the optimizer is
 # tuned. The mnist1d-mlp values are those of the earlier MLP-only sweep (1 seed per grid point,
-# benchmarks/results/compare/mnist1d/tuning.json). Workloads whose sweep
-# under the current protocol is not committed yet keep an earlier sweep's
-# winners, named in EARLIER_SWEEPS.
+# benchmarks/results/compare/mnist1d/tuning.json). Noise levels that the
+# current protocol does not sweep (the CNN's clean labels) keep an earlier
+# sweep's winners, named in EARLIER_SWEEPS.
 TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
     "mnist1d-mlp": {
         0.0: {"sgd": (0.1, 0.0), "amsgrad": (0.003, 0.0),
@@ -261,16 +261,19 @@ TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
         0.0: {"sgd": (0.1, 0.0), "adamw": (0.01, 0.0), "sam": (0.1, 0.15),
               "msam": (0.1, 0.3), "adasam": (0.003, 0.02),
               "msam_adamw": (0.01, 0.3)},
-        0.25: {"sgd": (0.03, 0.0), "sam": (0.03, 0.15), "saf": (0.03, 0.8),
-               "mesa": (0.03, 0.8)},
-        0.5: {"sgd": (0.3, 0.0), "sam": (0.1, 0.15), "saf": (0.3, 0.8),
-              "mesa": (0.3, 0.8)},
+        0.25: {"sgd": (0.03, 0.0), "sam": (0.03, 0.15), "msam": (0.03, 1.0),
+               "looksam": (0.03, 0.15), "friendly_sam": (0.03, 0.15),
+               "saf": (0.03, 0.8), "mesa": (0.03, 0.8)},
+        0.5: {"sgd": (0.3, 0.0), "sam": (0.1, 0.15), "msam": (0.1, 1.0),
+              "looksam": (0.3, 0.05), "friendly_sam": (0.3, 0.05),
+              "saf": (0.3, 0.8), "mesa": (0.3, 0.8)},
     },
     "text-transformer": {
-        0.0: {"adam": (0.003, 0.0), "adamw": (0.003, 0.0),
-              "amsgrad": (0.001, 0.0), "adasam": (0.001, 0.02),
-              "adasam_adam": (0.003, 0.02), "sam_adamw": (0.003, 0.02),
-              "msam_adamw": (0.003, 0.1)},
+        0.0: {"adam": (0.01, 0.0), "adamw": (0.01, 0.0),
+              "msam_adamw": (0.01, 0.3), "sam_adamw": (0.01, 0.02),
+              "adasam_adam": (0.01, 0.02), "adasam": (0.00333333, 0.05),
+              "looksam_adamw": (0.01, 0.02), "gpa": (0.03, 0.0),
+              "mesa_adamw": (0.01, 0.3)},
     },
 }
 
@@ -281,7 +284,6 @@ TUNED: Dict[str, Dict[float, Dict[str, tuple]]] = {
 EARLIER_SWEEPS: Dict[str, str] = {
     "mnist1d-cnn": "clean labels (noise 0): the 10-epoch clean-label sweep"
                    " (removed in 725c618)",
-    "text-transformer": "the 140-step sweep (removed in 6304511)",
 }
 
 # Workloads without committed tuned values for an optimizer borrow those of

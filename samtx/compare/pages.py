@@ -49,7 +49,7 @@ _BLOCK = re.compile(
 _KIND = {"text-transformer": "small transformer LM",
          "mnist1d-cnn": "BatchNorm CNN",
          "digits-mlp": "MLP"}
-_DATA = {"text-transformer": "character-level Python source",
+_DATA = {"text-transformer": "Python source characters",
          "mnist1d-cnn": "MNIST-1D", "digits-mlp": "8x8 digits"}
 
 
@@ -132,6 +132,15 @@ def _cost(row: dict) -> Tuple[float, float]:
   return round(row["grad_evals_per_step"], 2), time
 
 
+def _same_time(a: dict, b: dict) -> bool:
+  """Whether two step times cannot be told apart: their interquartile
+  ranges overlap (a time whose repeats disagree is never equal)."""
+  if a.get("timing_unstable") or b.get("timing_unstable"):
+    return False
+  return (a["relative_time_low"] <= b["relative_time_high"]
+          and b["relative_time_low"] <= a["relative_time_high"])
+
+
 def recommend(group: dict, max_grads: Optional[float] = None
               ) -> Tuple[str, List[str], str]:
   """The recommendation of a regime: ``(pick, tied, best)``.
@@ -140,8 +149,10 @@ def recommend(group: dict, max_grads: Optional[float] = None
   gradient budget ``max_grads`` (all without one; the analysis form of
   AdaSAM is never recommended); ``tied`` are those tied
   with it (:func:`compare`), ``best`` included; ``pick`` is the cheapest of
-  ``tied`` (fewest gradient evaluations per step, then shortest measured
-  step time).
+  ``tied``: fewest gradient evaluations per step, then the shortest
+  measured step time, where step times whose interquartile ranges overlap
+  count as equal and the better mean decides among them (a time
+  difference the repeats cannot resolve does not outrank the metric).
   """
   rows = _rows(group)
   names = [n for n in _ranked(group) if n not in _NOT_RECOMMENDED and (
@@ -149,7 +160,11 @@ def recommend(group: dict, max_grads: Optional[float] = None
   best = names[0]
   tied = [n for n in names
           if compare(rows[n], rows[best], group["task"]) != "worse"]
-  pick = min(tied, key=lambda n: _cost(rows[n]))
+  fastest = min(tied, key=lambda n: _cost(rows[n]))
+  # ``tied`` is in order of the mean metric, best first.
+  pick = next(n for n in tied if n == fastest or (
+      _cost(rows[n])[0] == _cost(rows[fastest])[0]
+      and _same_time(rows[n], rows[fastest])))
   return pick, tied, best
 
 
@@ -174,13 +189,17 @@ def _named(group: dict, name: str, unit: bool = False) -> str:
           f"{_pm(_rows(group)[name], group['task'], unit)}")
 
 
-def _regime(result: dict, group: dict) -> str:
-  name = result["workload"]
+def _detail(result: dict, group: dict) -> str:
+  """What sets a regime apart within its workload: the label noise, or the
+  training length of the language model."""
   if group["task"] == "language":
-    return f"{_KIND[name]} ({result['settings']['steps']} steps)"
-  noise = "clean labels" if group["noise"] == 0 else (
+    return f"{result['settings']['steps']} steps"
+  return "clean labels" if group["noise"] == 0 else (
       f"{group['noise']:.0%} label noise")
-  return f"{_KIND[name]}, {noise}"
+
+
+def _regime(result: dict, group: dict) -> str:
+  return f"{_KIND[result['workload']]}, {_detail(result, group)}"
 
 
 def _groups(results: Dict[str, dict]):
@@ -221,7 +240,8 @@ def _block_readme(results: Dict[str, dict]) -> str:
     pick, _, _ = recommend(group)
     base = next(n for n, r in rows.items() if r["label"] == group["base"])
     lines.append(
-        f"| {_DATA[result['workload']]} {_regime(result, group)} "
+        f"| {_KIND[result['workload']]} on {_DATA[result['workload']]}, "
+        f"{_detail(result, group)} "
         f"| {_named(group, pick, True)} "
         f"| {_cost_text(rows[pick], group['base'])} "
         f"| {_named(group, base)} |")
