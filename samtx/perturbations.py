@@ -1045,8 +1045,8 @@ def _orthogonal_part(full, base, eps, axis_name, norm_axis_name
   """
   base_norm, full_norm, cos = _norms_and_cosine(base, full, eps,
                                                 norm_axis_name)
-  along_g = full_norm * cos / (base_norm + eps)
-  g_v = jax.tree.map(lambda gx, hx: hx - along_g * gx, base, full)
+  along_base = full_norm * cos / (base_norm + eps)
+  g_v = jax.tree.map(lambda bx, fx: fx - along_base * bx, base, full)
   if axis_name is not None:
     g_v = _common.pmean_varying(g_v, axis_name)
   return LookSAMState(g_v=g_v, g_v_norm=_common.global_norm(

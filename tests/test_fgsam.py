@@ -341,6 +341,13 @@ def test_fgsam_plus_needs_graph_grad_fn_with_a_clear_error():
   with pytest.raises(TypeError, match="structure of params"):
     opt.update(jax.grad(peer_loss)(params), opt.init(params), params,
                grad_fn=jax.grad(peer_loss), graph_grad_fn=lambda p: [1.0])
+  # Right structure, a leaf of the wrong shape (a transposed gradient).
+  transposed = lambda p: jax.tree.map(jnp.transpose, jax.grad(peer_loss)(p))
+  assert any(np.ndim(x) == 2 and x.shape[0] != x.shape[1]
+             for x in jax.tree.leaves(params))
+  with pytest.raises(ValueError, match="graph_grad_fn returned shape"):
+    opt.update(jax.grad(peer_loss)(params), opt.init(params), params,
+               grad_fn=jax.grad(peer_loss), graph_grad_fn=transposed)
 
 
 @pytest.mark.parametrize("make,error,message", [

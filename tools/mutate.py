@@ -237,8 +237,8 @@ MUTANTS = (
            ("tests/test_family.py",),
            "LookSAM reuses g_v with weight 1 whatever alpha"),
     Mutant("looksam_g_v_sign", P,
-           "g_v = jax.tree.map(lambda gx, hx: hx - along_g * gx, base, full)",
-           "g_v = jax.tree.map(lambda gx, hx: hx + along_g * gx, base, full)",
+           "g_v = jax.tree.map(lambda bx, fx: fx - along_base * bx, base, full)",
+           "g_v = jax.tree.map(lambda bx, fx: fx + along_base * bx, base, full)",
            ("tests/test_family.py",),
            "LookSAM stores h plus, not minus, its part along g"),
     Mutant("cosine_denominator", P,
@@ -351,6 +351,42 @@ MUTANTS = (
            ("tests/test_flax.py::"
             "test_linen_batchnorm_stats_from_clean_pass_and_perturbed_pass_in_train_mode",),
            "linen BatchNorm statistics never updated by the step"),
+    # ------------------------------------- related work, the compare job
+    Mutant("fgsam_plus_orthogonal_roles", P,
+           "return g_s, _orthogonal_part(g_s, m, eps, axis_name, norm_axis_name)",
+           "return g_s, _orthogonal_part(m, g_s, eps, axis_name, norm_axis_name)",
+           ("tests/test_fgsam.py::test_fgsam_plus_matches_reference",),
+           "FGSAM+ stores the peer gradient's part orthogonal to FGSAM's,"
+           " not the other way round"),
+    Mutant("fgsam_plus_mix", P,
+           "lam * hx + (1 - lam) * gx, g_graph, h)",
+           "(1 - lam) * hx + lam * gx, g_graph, h)",
+           ("tests/test_fgsam.py::test_fgsam_plus_matches_reference",),
+           "FGSAM+ weighs the graph and peer gradients the wrong way round"),
+    Mutant("graph_grad_fn_shape_unchecked", C,
+           "if jnp.shape(o) != jnp.shape(g):",
+           "if False:",
+           ("tests/test_fgsam.py::"
+            "test_fgsam_plus_needs_graph_grad_fn_with_a_clear_error",
+            "tests/test_perturbations.py"),
+           "a gradient function's wrong leaf shape passes (broadcast)"),
+    Mutant("gpa_z_frozen", "samtx/gpa.py",
+           "z=optax.apply_updates(state.z, base_updates),\n"
+           "        train_interp=jnp.asarray(mu_y",
+           "z=state.z,\n        train_interp=jnp.asarray(mu_y",
+           ("tests/test_gpa.py",),
+           "GPA's base iterate z never moves"),
+    Mutant("recommend_time_noise_decides", "samtx/compare/pages.py",
+           "and _same_time(rows[n], rows[fastest])))",
+           "and False))",
+           ("tests/test_compare_pages.py",),
+           "a step-time difference inside the timing spread picks the"
+           " worse of two tied optimizers"),
+    Mutant("tuned_nearest_level_ignores_the_optimizer", "samtx/compare/tune.py",
+           "for k, v in by_noise.items() if name in v}",
+           "for k, v in by_noise.items()}",
+           ("samtx/compare/tune.py", "tests/test_compare_cli.py"),
+           "an optimizer tuned at another noise level only is not found"),
 )
 
 
